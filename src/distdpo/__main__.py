@@ -1,0 +1,3 @@
+from distdpo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Federated DPO: FedAvg with local steps and client sampling, FedProx, SCAFFOLD, server optimizers.
+
+One class covers the family: the variants differ only in the correction added
+to local gradients (FedProx's proximal term, SCAFFOLD's control variates) and
+in the server optimizer applied to the aggregated update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distdpo.algorithms.base import Communicator, local_steps
+from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
+from distdpo.tasks.base import Task
+
+
+def sample_clients(generator: torch.Generator, num_clients: int, clients_per_round: int) -> torch.Tensor:
+    """S distinct clients, uniformly, sorted (the same on every engine part)."""
+    if clients_per_round >= num_clients:
+        return torch.arange(num_clients)
+    return torch.randperm(num_clients, generator=generator)[:clients_per_round].sort().values
+
+
+class Federated:
+    """FedAvg-DPO and its relatives on the rows ``comm`` holds.
+
+    Each round: sample S clients; each starts from the global model (or, with
+    staleness q_max > 0, from the global model of a uniformly drawn q ≤ q_max
+    rounds ago), runs K local steps, and sends Δ_i = θ_i,K − θ_i,0; the server
+    averages the Δ_i (weights p_i ∝ |D_i| or uniform, renormalized over S) and
+    applies the average with its optimizer.
+    """
+
+    kind = "federated"
+
+    def __init__(
+        self,
+        task: Task,
+        comm: Communicator,
+        *,
+        weights: torch.Tensor,
+        local_steps: int,
+        optimizer: ClientOptimizer,
+        server: ServerOptimizer,
+        clients_per_round: int,
+        batch_size: int | None,
+        staleness: int = 0,
+        prox_mu: float = 0.0,
+        scaffold: bool = False,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.task, self.comm = task, comm
+        self.weights = weights.to(dtype)
+        self.K, self.optimizer, self.server = local_steps, optimizer, server
+        self.S, self.batch_size, self.staleness = clients_per_round, batch_size, staleness
+        self.prox_mu, self.scaffold = prox_mu, scaffold
+        self.data_gen = torch.Generator().manual_seed(seed + 1)
+        self.sample_gen = torch.Generator().manual_seed(seed + 2)
+        self.theta = task.initial_params().to(dtype)
+        self.history = [self.theta]  # the last q_max + 1 global models, newest last
+        if scaffold:
+            self.c = torch.zeros_like(self.theta)
+            self.c_local = torch.zeros(len(comm.local_nodes), self.theta.numel(), dtype=dtype, device=self.theta.device)
+        self.itemsize = self.theta.element_size()
+
+    def global_params(self) -> torch.Tensor:
+        return self.theta
+
+    def run_round(self, round_index: int) -> dict[str, float]:
+        sampled = sample_clients(self.sample_gen, self.comm.num_nodes, self.S)
+        # Delays are drawn for every sampled client so every engine part consumes the same numbers.
+        max_delay = min(self.staleness, len(self.history) - 1)
+        delays = torch.randint(0, max_delay + 1, (len(sampled),), generator=self.sample_gen) if max_delay else None
+        is_local = torch.isin(sampled, self.comm.local_nodes)
+        nodes = sampled[is_local]
+        rows = torch.searchsorted(self.comm.local_nodes, nodes)
+        if delays is None:
+            start = self.theta.expand(len(nodes), -1)
+        else:
+            start = torch.stack([self.history[-1 - int(q)] for q in delays[is_local]]) if len(nodes) else self.theta[None, :0]
+        correction = (self.c - self.c_local[rows]) if self.scaffold else None
+        X, drift, _ = local_steps(
+            self.task, start, nodes.to(self.theta.device), self.K, self.optimizer,
+            lambda: self.task.sample_batch(self.data_gen, self.batch_size),
+            correction=correction, prox_mu=self.prox_mu,
+        )
+        delta = X - start
+        p = self.weights[sampled]
+        w = (p / p.sum())[is_local]
+        update = self.comm.aggregate(delta, w)
+        n_s = len(sampled)
+        stats = {"client_drift": float(self.comm.aggregate(drift[:, None], torch.full_like(drift, 1 / n_s))[0])}
+        if self.scaffold:
+            # Option II of Karimireddy et al.: c_i⁺ = c_i − c + (θ_start − θ_K)/(Kη); c tracks Σ p_i c_i.
+            new_c = self.c_local[rows] - self.c + (start - X) / (self.K * self.optimizer.lr)
+            dc = self.comm.aggregate(new_c - self.c_local[rows], self.weights[nodes] / self.weights.sum())
+            self.c_local[rows] = new_c
+            self.c = self.c + dc
+        self.theta = self.server.step(self.theta, update)
+        self.history = (self.history + [self.theta])[-(self.staleness + 1):]
+        messages = 2 * n_s * (2 if self.scaffold else 1)  # download + upload (and SCAFFOLD's c, Δc)
+        stats["bytes"] = messages * self.theta.numel() * self.itemsize
+        return stats

@@ -1,0 +1,102 @@
+"""Config → task, topology, communicator and algorithm. Every engine builds its pieces here."""
+
+from __future__ import annotations
+
+import torch
+
+from distdpo.algorithms.centralized import Centralized
+from distdpo.algorithms.decentralized import Decentralized
+from distdpo.algorithms.federated import Federated
+from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
+from distdpo.config import DECENTRALIZED, Config, ConfigError
+from distdpo.data.synthetic import make_synthetic
+from distdpo.policies import LogLinearPolicy, MLPPolicy
+from distdpo.tasks.features import FeatureTask
+from distdpo.topology import Topology, TopologyError, make_topology
+
+SERVER_OPTIMIZER_OF = {"fedavgm": "avgm", "fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+
+
+def torch_dtype(cfg: Config) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[cfg.engine.dtype]
+
+
+def device(cfg: Config) -> torch.device:
+    if cfg.engine.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.engine.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device = 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device(cfg.engine.device)
+
+
+def task_key(cfg: Config) -> tuple:
+    """Runs whose configs share this key share the same task (data, policy, loss)."""
+    return (cfg.seed, tuple(vars(cfg.data).items()), tuple(vars(cfg.policy).items()), cfg.engine.dtype, cfg.engine.device)
+
+
+def build_task(cfg: Config) -> FeatureTask:
+    d, p = cfg.data, cfg.policy
+    data = make_synthetic(
+        num_clients=d.num_clients, pairs_per_client=d.pairs_per_client, eval_pairs_per_client=d.eval_pairs_per_client,
+        dim=d.dim, num_actions=d.num_actions, heterogeneity=d.heterogeneity, label_noise=d.label_noise,
+        size_skew=d.size_skew, reward_scale=d.reward_scale, reference_scale=d.reference_scale, seed=cfg.seed,
+    )
+    if p.kind == "loglinear":
+        policy, reference = LogLinearPolicy(d.dim), data.theta_ref  # the behaviour policy is the reference
+    else:
+        policy = MLPPolicy(d.dim, p.hidden_size)
+        reference = policy.init_params(torch.Generator().manual_seed(cfg.seed + 3))
+    return FeatureTask(
+        data, policy, reference, beta=p.beta, loss_type=p.loss_type, label_smoothing=p.label_smoothing,
+        dtype=torch_dtype(cfg), device=device(cfg),
+    )
+
+
+def aggregation(cfg: Config) -> str:
+    a = cfg.algorithm.aggregation
+    if a == "auto":
+        return "uniform" if cfg.algorithm.name in DECENTRALIZED else "size"
+    return a
+
+
+def client_weights(cfg: Config, sizes: torch.Tensor) -> torch.Tensor:
+    """p_i of f = Σ p_i f_i: proportional to |D_i| or uniform (float64, sums to 1)."""
+    if aggregation(cfg) == "uniform":
+        return torch.full((len(sizes),), 1.0 / len(sizes), dtype=torch.float64)
+    s = sizes.to(torch.float64)
+    return s / s.sum()
+
+
+def build_topology(cfg: Config) -> Topology | None:
+    if cfg.algorithm.name not in DECENTRALIZED:
+        return None
+    t = cfg.topology
+    try:
+        return make_topology(
+            t.graph, cfg.data.num_clients, weights=t.weights, seed=cfg.seed,
+            er_p=t.er_p or None, matrix=t.matrix or None,
+        )
+    except TopologyError as e:
+        raise ConfigError(f"topology: {e}") from None
+
+
+def batch_size(cfg: Config) -> int | None:
+    return None if cfg.algorithm.batch_size == "full" else int(cfg.algorithm.batch_size)
+
+
+def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights: torch.Tensor):
+    a = cfg.algorithm
+    dtype = torch_dtype(cfg)
+    opt = ClientOptimizer(a.optimizer, a.lr, a.weight_decay)
+    common = dict(local_steps=a.local_steps, optimizer=opt, batch_size=batch_size(cfg), seed=cfg.seed, dtype=dtype)
+    if a.name == "centralized":
+        return Centralized(task, weights=weights, **common)
+    if a.name in DECENTRALIZED:
+        return Decentralized(task, comm, topology, tracking=a.name == "gradient_tracking", gossip=a.gossip, **common)
+    server_name = a.server_optimizer if a.server_optimizer != "auto" else SERVER_OPTIMIZER_OF.get(a.name, "sgd")
+    server = ServerOptimizer(server_name, a.server_lr, a.server_momentum, a.server_beta2, a.server_tau)
+    return Federated(
+        task, comm, weights=weights, server=server,
+        clients_per_round=a.clients_per_round or task.num_clients, staleness=a.staleness,
+        prox_mu=a.mu if a.name == "fedprox" else 0.0, scaffold=a.name == "scaffold", **common,
+    )

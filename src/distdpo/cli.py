@@ -1,0 +1,68 @@
+"""``distdpo`` command line: ``run`` an experiment config, describe a ``graph``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from distdpo import __version__
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from distdpo.config import load
+    from distdpo.experiment import format_summary, run_experiment
+
+    cfg = load(args.config, args.set or [])
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = run_experiment(cfg, out, resume=args.resume, progress=not args.no_progress)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(format_summary(summary))
+    print(f"\nrun directory: {run_dir}  (config.toml, metrics.csv, summary.json, *.png)")
+    return 0
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from distdpo.topology import graph_command
+
+    return graph_command(args.graph, args.nodes, weights=args.weights, seed=args.seed, er_p=args.p, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distdpo", description="Federated and decentralized Direct Preference Optimization.")
+    parser.add_argument("--version", action="version", version=f"distdpo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment config (TOML) into a run directory")
+    run.add_argument("config", help="path to a TOML config")
+    run.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. algorithm.lr=0.1 (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run directory, skipping finished runs")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    graph = sub.add_parser("graph", help="describe a communication graph: edges, λ2, spectral gap")
+    graph.add_argument("graph", help="graph name (ring, torus, …) or an edge-list file with one 'u v' pair a line")
+    graph.add_argument("--nodes", "-n", type=int, help="number of nodes (required for a graph name)")
+    graph.add_argument("--weights", default="metropolis", help="mixing rule: metropolis, max_degree, lazy_metropolis, lazy_max_degree")
+    graph.add_argument("--seed", type=int, default=0, help="seed for random graphs (erdos_renyi)")
+    graph.add_argument("--p", type=float, default=None, help="edge probability for erdos_renyi")
+    graph.add_argument("--json", action="store_true", help="print JSON")
+    graph.set_defaults(func=_cmd_graph)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distdpo.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are saved (continue with --resume)", file=sys.stderr)
+        return 130

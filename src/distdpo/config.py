@@ -1,0 +1,278 @@
+"""Experiment configuration: TOML → validated dataclasses, ``--set`` overrides and ``[sweep]`` products.
+
+Every key is checked before any work starts; an unknown key or a bad value
+raises :class:`ConfigError` naming the key (``algorithm.lr``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ALGORITHMS = (
+    "centralized", "fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+    "dsgd", "gradient_tracking",
+)
+FEDERATED = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+DECENTRALIZED = ("dsgd", "gradient_tracking")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    num_clients: int = 16
+    pairs_per_client: int = 200
+    eval_pairs_per_client: int = 200
+    size_skew: float = 0.0  # 0 = equal client sizes; σ of log-normal sizes otherwise
+    dim: int = 16
+    num_actions: int = 8
+    heterogeneity: float = 1.0
+    label_noise: float = 0.0
+    reward_scale: float = 2.0
+    reference_scale: float = 0.5
+
+
+@dataclass
+class PolicyConfig:
+    kind: str = "loglinear"  # loglinear | mlp
+    beta: float = 1.0
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0
+    hidden_size: int = 32  # mlp
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "fedavg"
+    rounds: int = 50
+    local_steps: int = 5
+    lr: float = 0.5
+    server_lr: float = 1.0
+    clients_per_round: int = 0  # 0 = every client, every round
+    staleness: int = 0  # q_max
+    batch_size: int | str = 32  # or "full"
+    aggregation: str = "auto"  # auto | size | uniform
+    optimizer: str = "sgd"  # sgd | adamw
+    weight_decay: float = 0.0
+    mu: float = 0.01  # FedProx
+    server_optimizer: str = "auto"  # auto | sgd | avgm | adagrad | adam | yogi
+    server_momentum: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    gossip: str = "atc"  # atc | cta
+
+
+@dataclass
+class TopologyConfig:
+    graph: str = "ring"
+    weights: str = "metropolis"
+    er_p: float = 0.0  # 0 = 2 ln(n)/n
+    matrix: str = ""  # path to a user-given mixing matrix (.npy / .csv)
+
+
+@dataclass
+class EngineConfig:
+    name: str = "simulation"
+    device: str = "cpu"  # cpu | cuda | auto
+    dtype: str = "float32"  # float32 | float64
+    eval_every: int = 1
+    sparse_mix: str = "auto"  # auto | dense | sparse
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sweep: dict[str, list] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name not in ("seed", "sweep")}
+
+CHOICES = {
+    "data.source": ("synthetic",),
+    "policy.kind": ("loglinear", "mlp"),
+    "policy.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
+    "algorithm.name": ALGORITHMS,
+    "algorithm.aggregation": ("auto", "size", "uniform"),
+    "algorithm.optimizer": ("sgd", "adamw"),
+    "algorithm.server_optimizer": ("auto", "sgd", "avgm", "adagrad", "adam", "yogi"),
+    "algorithm.gossip": ("atc", "cta"),
+    "topology.weights": ("metropolis", "max_degree", "lazy_metropolis", "lazy_max_degree"),
+    "engine.name": ("simulation",),
+    "engine.device": ("cpu", "cuda", "auto"),
+    "engine.dtype": ("float32", "float64"),
+    "engine.sparse_mix": ("auto", "dense", "sparse"),
+}
+POSITIVE = {
+    "data.num_clients", "data.pairs_per_client", "data.eval_pairs_per_client", "data.dim", "policy.beta",
+    "policy.hidden_size", "algorithm.rounds", "algorithm.local_steps", "algorithm.lr", "algorithm.server_lr",
+    "engine.eval_every",
+}
+NONNEGATIVE = {
+    "data.size_skew", "data.heterogeneity", "data.label_noise", "data.reward_scale", "data.reference_scale",
+    "policy.label_smoothing", "algorithm.clients_per_round", "algorithm.staleness", "algorithm.weight_decay",
+    "algorithm.mu", "algorithm.server_momentum", "algorithm.server_beta2", "algorithm.server_tau", "topology.er_p",
+}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of the field's default and the key's constraints."""
+    if key == "algorithm.batch_size":
+        if value == "full" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ConfigError(f"{key} must be a positive integer or \"full\", got {value!r}")
+    kind = type(default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        value = float(value)
+    elif kind is str and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, CHOICES[key]))}, got {value!r}{_suggest(str(value), CHOICES[key])}")
+    if key in POSITIVE and not value > 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+    if key in NONNEGATIVE and not value >= 0:
+        raise ConfigError(f"{key} must be non-negative, got {value!r}")
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) == 1:
+        if key != "seed":
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, ['seed', *SECTIONS])}")
+        cfg.seed = _coerce(key, value, 0)
+        return
+    section, name = parts[0], ".".join(parts[1:])
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r} in key {key!r}{_suggest(section, SECTIONS)}")
+    obj = getattr(cfg, section)
+    names = [f.name for f in dataclasses.fields(obj)]
+    if name not in names:
+        raise ConfigError(f"unknown config key {key!r}{_suggest(name, names)}")
+    setattr(obj, name, _coerce(key, value, getattr(type(obj)(), name)))
+
+
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value``: the value is read as TOML (``0.1``, ``true``, ``[1, 2]``), else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key.path=value, got {text!r}")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def from_dict(table: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> Config:
+    """Build and validate a config from a TOML-shaped table plus ``(key, value)`` overrides."""
+    cfg = Config()
+    table = dict(table)
+    sweep = table.pop("sweep", {}) or {}
+    for key, value in flatten(table).items():
+        _set(cfg, key, value)
+    for key, value in overrides:
+        if key.startswith("sweep."):
+            sweep[key[len("sweep."):]] = value
+        else:
+            _set(cfg, key, value)
+    cfg.sweep = {}
+    for key, values in flatten(sweep).items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep key {key!r} must be a non-empty list of values, got {values!r}")
+        for v in values:
+            _set(Config(), key, v)  # validates the key and each value
+        cfg.sweep[key] = values
+    for run_cfg in expand(cfg).values():
+        validate(run_cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a TOML config file and apply ``--set`` overrides."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return from_dict(table, [parse_override(o) for o in overrides])
+
+
+def expand(cfg: Config) -> dict[str, Config]:
+    """One config per combination of the ``[sweep]`` values, keyed by a run label."""
+    if not cfg.sweep:
+        return {"run": dataclasses.replace(cfg, sweep={})}
+    keys = list(cfg.sweep)
+    runs: dict[str, Config] = {}
+    for combo in itertools.product(*(cfg.sweep[k] for k in keys)):
+        run = from_dict({k: v for k, v in cfg.to_dict().items() if k != "sweep"}, list(zip(keys, combo)))
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
+        runs[label] = run
+    return runs
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    a, d = cfg.algorithm, cfg.data
+    if a.clients_per_round > d.num_clients:
+        raise ConfigError(f"algorithm.clients_per_round = {a.clients_per_round} exceeds data.num_clients = {d.num_clients}")
+    if a.name in DECENTRALIZED and a.aggregation == "size":
+        raise ConfigError(
+            "algorithm.aggregation = 'size' is impossible for decentralized algorithms: gossip with a doubly "
+            "stochastic W minimizes the uniform average of the clients' losses (use 'auto' or 'uniform')"
+        )
+    if a.name in ("scaffold", "gradient_tracking") and a.optimizer != "sgd":
+        raise ConfigError(f"algorithm.optimizer = {a.optimizer!r}: {a.name} needs 'sgd' (its corrections assume SGD steps)")
+    if a.staleness and a.name not in FEDERATED:
+        raise ConfigError(f"algorithm.staleness applies to federated algorithms, not {a.name!r}")
+    if d.label_noise >= 0.5:
+        raise ConfigError(f"data.label_noise must be below 0.5, got {d.label_noise}")
+    if cfg.policy.label_smoothing >= 0.5:
+        raise ConfigError(f"policy.label_smoothing must be below 0.5, got {cfg.policy.label_smoothing}")
+    if d.num_actions < 2:
+        raise ConfigError(f"data.num_actions must be at least 2, got {d.num_actions}")
+    if cfg.topology.er_p > 1:
+        raise ConfigError(f"topology.er_p must be a probability, got {cfg.topology.er_p}")

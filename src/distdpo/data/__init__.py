@@ -1,0 +1,1 @@
+"""Preference data: the synthetic personalized model and (later) text loaders."""

@@ -1,0 +1,46 @@
+"""What an algorithm needs from a workload: stacked losses and gradients.
+
+A task owns the clients' data, the policy and the loss. Algorithms only ever
+call the methods of :class:`Task`, so the same algorithm code trains the
+synthetic log-linear model and a language model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Pair indices for every client (``[n, B]``) and each pair's weight in its client's loss."""
+
+    index: torch.Tensor  # [n, B] long
+    scale: torch.Tensor  # [n, B]; client loss = Σ_b scale · loss_b
+
+    def rows(self, nodes: torch.Tensor) -> "Batch":
+        return Batch(self.index[nodes], self.scale[nodes])
+
+
+class Task(Protocol):
+    num_clients: int
+    num_params: int
+    client_sizes: torch.Tensor  # [n] long
+    convex: bool
+
+    def initial_params(self) -> torch.Tensor:
+        """The starting parameter vector ``[p]`` (the reference policy's)."""
+
+    def sample_batch(self, generator: torch.Generator, batch_size: int | None) -> Batch:
+        """A minibatch for *all* n clients (``None`` = full batch), so every engine draws the same numbers."""
+
+    def loss_and_grad(self, X: torch.Tensor, nodes: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row loss ``[m]`` and gradient ``[m, p]`` of row k under client ``nodes[k]``'s batch."""
+
+    def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+        """Metrics of one model (global loss f = Σ weights_i f_i, held-out accuracies, …)."""
+
+    def pooled(self, weights: torch.Tensor) -> "Task":
+        """All clients' data as one client, each pair weighted so that its loss is Σ weights_i f_i."""

@@ -1,0 +1,179 @@
+"""DPO on featurized actions (the synthetic personalized model), for all clients at once."""
+
+from __future__ import annotations
+
+import torch
+
+from distdpo.data.synthetic import FeaturePreferenceData
+from distdpo.losses import dpo_loss, margin_loss
+from distdpo.policies import FeaturePolicy, LogLinearPolicy
+from distdpo.tasks.base import Batch
+
+
+class FeatureTask:
+    """Clients' pairs as padded tensors ``[n, N, d]``; one autograd call gives every row's gradient.
+
+    Rows of ``X`` are independent, so the gradient of the sum of the per-row
+    losses is each row's own gradient: one backward pass serves all nodes.
+    """
+
+    def __init__(
+        self,
+        data: FeaturePreferenceData,
+        policy: FeaturePolicy,
+        reference: torch.Tensor,
+        *,
+        beta: float,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        _train: tuple | None = None,
+    ):
+        self.data, self.policy = data, policy
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.dtype, self.device = dtype, torch.device(device)
+        self.reference = reference.to(torch.float64)
+        self.convex = isinstance(policy, LogLinearPolicy)
+        self.num_params = policy.num_params
+        if _train is None:
+            rows = torch.arange(data.num_clients)[:, None]
+            phi_w = data.features[rows, torch.arange(data.features.shape[1]), data.chosen]
+            phi_l = data.features[rows, torch.arange(data.features.shape[1]), data.rejected]
+            sizes = data.sizes
+            weight = torch.ones(phi_w.shape[:2], dtype=torch.float64)
+        else:
+            phi_w, phi_l, sizes, weight = _train
+        self.client_sizes = sizes
+        self.num_clients = len(sizes)
+        mask = torch.arange(phi_w.shape[1])[None, :] < sizes[:, None]
+        self._phi_w64, self._phi_l64 = phi_w, phi_l
+        self._weight64 = weight * mask  # padding has weight 0
+        ref_rows = self.reference.expand(self.num_clients, -1)
+        self._ref_log_odds64 = policy.log_odds(ref_rows, phi_w, phi_l)
+        # Hot-path copies in the engine's dtype and device.
+        to = dict(dtype=dtype, device=self.device)
+        self.phi_w, self.phi_l = phi_w.to(**to), phi_l.to(**to)
+        self.ref_log_odds = self._ref_log_odds64.to(**to)
+        self.weight = self._weight64.to(**to)
+        self._sizes_f = sizes.to(**to)
+        self._eval_ref: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---- what the algorithms use -------------------------------------------------
+
+    def initial_params(self) -> torch.Tensor:
+        return self.reference.to(self.dtype).to(self.device)
+
+    def sample_batch(self, generator: torch.Generator, batch_size: int | None) -> Batch:
+        n, N = self.weight.shape
+        if batch_size is None:
+            index = torch.arange(N, device=self.device).expand(n, N)
+            return Batch(index, self.weight / self._sizes_f[:, None])
+        # Uniform with replacement, drawn for all clients on the CPU generator so every engine agrees.
+        u = torch.rand(n, batch_size, generator=generator, dtype=torch.float64)
+        index = (u * self.client_sizes[:, None]).long().to(self.device)
+        rows = torch.arange(n, device=self.device)[:, None]
+        return Batch(index, self.weight[rows, index] / batch_size)
+
+    def loss_and_grad(self, X: torch.Tensor, nodes: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        b = batch.rows(nodes)
+        rows = nodes[:, None]
+        return self._loss_and_grad(X, self.phi_w[rows, b.index], self.phi_l[rows, b.index], self.ref_log_odds[rows, b.index], b.scale)
+
+    def _loss_and_grad(self, X, phi_w, phi_l, ref, scale):
+        with torch.enable_grad():
+            X = X.detach().requires_grad_(True)
+            h = self.policy.log_odds(X, phi_w, phi_l) - ref
+            per_row = (margin_loss(h, self.beta, self.loss_type, self.label_smoothing) * scale).sum(1)
+            (grad,) = torch.autograd.grad(per_row.sum(), X)
+        return per_row.detach(), grad
+
+    def pooled(self, weights: torch.Tensor) -> "FeatureTask":
+        """One client holding every pair, weighted so that its mean loss is Σ_i weights_i f_i."""
+        mask = self._weight64 > 0
+        total = int(self.client_sizes.sum())
+        pair_w = (weights.to(torch.float64) * total / self.client_sizes.to(torch.float64))[:, None].expand_as(mask)
+        train = (
+            self._phi_w64[mask][None], self._phi_l64[mask][None],
+            torch.tensor([total]), pair_w[mask][None],
+        )
+        return FeatureTask(
+            self.data, self.policy, self.reference, beta=self.beta, loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing, dtype=self.dtype, device=self.device, _train=train,
+        )
+
+    # ---- measurement (float64, exact full batch) ------------------------------------
+
+    def client_losses_and_grads(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_i(θ) and ∇f_i(θ) for every client, full batch, float64."""
+        X = theta.detach().to(torch.float64).cpu().expand(self.num_clients, -1)
+        scale = self._weight64 / self.client_sizes.to(torch.float64)[:, None]
+        return self._loss_and_grad(X, self._phi_w64, self._phi_l64, self._ref_log_odds64, scale)
+
+    def objective(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """f(θ) = Σ_i weights_i f_i(θ), float64 and differentiable (for the centralized solver)."""
+        X = theta.expand(self.num_clients, -1)
+        h = self.policy.log_odds(X, self._phi_w64, self._phi_l64) - self._ref_log_odds64
+        scale = self._weight64 / self.client_sizes.to(torch.float64)[:, None]
+        losses = (margin_loss(h, self.beta, self.loss_type, self.label_smoothing) * scale).sum(1)
+        return weights.to(torch.float64) @ losses
+
+    def grad_noise(self, theta: torch.Tensor) -> float:
+        """σ²: variance of a one-pair stochastic gradient around ∇f_i(θ), averaged over clients."""
+        n, N, d = self._phi_w64.shape
+        X = theta.detach().to(torch.float64).cpu().expand(n * N, -1)
+        ones = torch.ones(n * N, 1, dtype=torch.float64)
+        _, g = self._loss_and_grad(
+            X, self._phi_w64.reshape(n * N, 1, d), self._phi_l64.reshape(n * N, 1, d),
+            self._ref_log_odds64.reshape(n * N, 1), ones,
+        )
+        g = g.reshape(n, N, -1)
+        w = self._weight64 / self._weight64.sum(1, keepdim=True)  # each client's sampling distribution
+        mean = torch.einsum("nk,nkp->np", w, g)
+        var = torch.einsum("nk,nk->n", w, ((g - mean[:, None]) ** 2).sum(-1))
+        return float(var.mean())
+
+    def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+        losses, grads = self.client_losses_and_grads(theta)
+        w = weights.to(torch.float64)
+        full_grad = w @ grads
+        out = {
+            "global_loss": float(w @ losses),
+            "grad_norm_sq": float(full_grad @ full_grad),
+            "heterogeneity": float(((grads - full_grad) ** 2).sum(1).mean()),
+            "worst_client_loss": float(losses.max()),
+        }
+        out.update(self.held_out_metrics(theta))
+        return out
+
+    def held_out_metrics(self, theta: torch.Tensor) -> dict[str, float]:
+        """Implicit-reward accuracy and margins on every client's held-out pairs."""
+        d = self.data
+        n = d.eval_features.shape[0]
+        if self._eval_ref is None:
+            ref = self.reference.expand(n, -1)
+            self._eval_ref = (
+                self.policy.logps(ref, d.eval_features, d.eval_chosen),
+                self.policy.logps(ref, d.eval_features, d.eval_rejected),
+            )
+        X = theta.detach().to(torch.float64).cpu().expand(n, -1)
+        pol_w = self.policy.logps(X, d.eval_features, d.eval_chosen)
+        pol_l = self.policy.logps(X, d.eval_features, d.eval_rejected)
+        losses, m = dpo_loss(pol_w, pol_l, *self._eval_ref, self.beta, self.loss_type, self.label_smoothing)
+        valid = (torch.arange(losses.shape[1])[None, :] < d.eval_sizes[:, None]).to(torch.float64)
+
+        def client_mean(t: torch.Tensor) -> torch.Tensor:
+            return (t * valid).sum(1) / valid.sum(1)
+
+        acc = client_mean(m["rewards/accuracies"])
+        correct_true = ((m["rewards/margins"] > 0) == d.eval_true_order).to(torch.float64)
+        return {
+            "eval_loss": float(client_mean(losses).mean()),
+            "pref_accuracy": float(acc.mean()),
+            "pref_accuracy_worst": float(acc.min()),
+            "true_pref_accuracy": float(client_mean(correct_true).mean()),
+            "reward_margin": float(client_mean(m["rewards/margins"]).mean()),
+            "rewards/chosen": float(client_mean(m["rewards/chosen"]).mean()),
+            "rewards/rejected": float(client_mean(m["rewards/rejected"]).mean()),
+            "logratio_chosen": float(client_mean(pol_w - self._eval_ref[0]).mean()),
+        }

@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+from distdpo.config import from_dict
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def make_config(**sections):
+    """A small config; ``sections`` maps section → dict of overrides (``seed`` may be given too)."""
+    table = {
+        "seed": sections.pop("seed", 0),
+        "data": {"num_clients": 8, "pairs_per_client": 60, "eval_pairs_per_client": 50, "dim": 6, "num_actions": 4},
+        "algorithm": {"rounds": 5, "local_steps": 3, "lr": 0.3, "batch_size": 16},
+        "engine": {"progress": False},
+    }
+    for name, values in sections.items():
+        table.setdefault(name, {}).update(values)
+    return from_dict(table)
