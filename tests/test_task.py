@@ -57,11 +57,11 @@ def test_loglinear_log_odds_and_normalization():
     all_logps = torch.stack([pol.logps(X, feats, torch.full((1, 4), a)) for a in range(5)], -1)
     assert torch.allclose(all_logps.exp().sum(-1), torch.ones(1, 4, dtype=torch.float64))
     w, l = feats[:, :, 0], feats[:, :, 3]
-    assert torch.allclose(pol.log_odds(X, w, l), (w - l) @ X[0])
+    assert torch.allclose(pol.log_odds(X, pol.pair_inputs(w, l)), (w - l) @ X[0])
     mlp = MLPPolicy(3, 4)
     P = mlp.init_params(torch.Generator().manual_seed(0))[None]
     direct = mlp.logps(P, feats, torch.zeros(1, 4, dtype=torch.long)) - mlp.logps(P, feats, torch.full((1, 4), 3))
-    assert torch.allclose(mlp.log_odds(P, w, l), direct)
+    assert torch.allclose(mlp.log_odds(P, mlp.pair_inputs(w, l)), direct)
 
 
 def test_loss_at_reference_is_ln2():
@@ -106,8 +106,7 @@ def test_heterogeneity_and_grad_noise_against_direct_loops():
         per_pair = []
         for j in range(Ni):
             b = type(task.sample_batch(torch.Generator(), 1))(torch.tensor([[j]]), torch.ones(1, 1, dtype=torch.float64))
-            _, g = task._loss_and_grad(theta[None], task._phi_w64[i:i + 1, j:j + 1], task._phi_l64[i:i + 1, j:j + 1],
-                                       task._ref_log_odds64[i:i + 1, j:j + 1], b.scale)
+            _, g = task._loss_and_grad(theta[None], task._pairs64[i:i + 1, j:j + 1], task._ref_log_odds64[i:i + 1, j:j + 1], b.scale)
             per_pair.append(g[0])
         G = torch.stack(per_pair)
         grads.append(G.mean(0))

@@ -24,9 +24,14 @@ class FeaturePolicy:
     def init_params(self, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         raise NotImplementedError
 
-    def log_odds(self, X: torch.Tensor, phi_w: torch.Tensor, phi_l: torch.Tensor) -> torch.Tensor:
+    def pair_inputs(self, phi_w: torch.Tensor, phi_l: torch.Tensor) -> torch.Tensor:
+        """What :meth:`log_odds` needs of a pair, stored once per pair: here both feature vectors."""
+        return torch.stack([phi_w, phi_l], dim=-2)
+
+    def log_odds(self, X: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         """log π(y_w|x) − log π(y_l|x) for pairs sharing a context: the normalizer cancels exactly."""
-        return self.scores(X, phi_w) - self.scores(X, phi_l)
+        s = self.scores(X, pairs)
+        return s[..., 0] - s[..., 1]
 
     def logps(self, X: torch.Tensor, features: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log π(a|x) for features ``[m, B, A, d]`` and actions ``[m, B]`` → ``[m, B]``."""
@@ -43,10 +48,18 @@ class LogLinearPolicy(FeaturePolicy):
 
     def scores(self, X: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         flat = features.reshape(features.shape[0], -1, self.dim)
-        return torch.bmm(flat, X.unsqueeze(-1)).reshape(features.shape[:-1])
+        # Row form θᵀ[φ…]: its backward is a [1, M] @ [M, d] bmm, about twice as fast as the column form's.
+        return torch.bmm(X.unsqueeze(1), flat.transpose(1, 2)).reshape(features.shape[:-1])
 
     def init_params(self, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.zeros(self.dim, dtype=dtype)
+
+    def pair_inputs(self, phi_w: torch.Tensor, phi_l: torch.Tensor) -> torch.Tensor:
+        # Scores are linear in φ, so the log-odds is θᵀ(φ_w − φ_l): one vector per pair, one bmm.
+        return phi_w - phi_l
+
+    def log_odds(self, X: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        return self.scores(X, pairs)
 
 
 class MLPPolicy(FeaturePolicy):

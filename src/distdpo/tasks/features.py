@@ -48,13 +48,15 @@ class FeatureTask:
         self.num_clients = len(sizes)
         mask = torch.arange(phi_w.shape[1])[None, :] < sizes[:, None]
         self._phi_w64, self._phi_l64 = phi_w, phi_l
+        self._pairs64 = policy.pair_inputs(phi_w, phi_l)  # [n, N, ...]
         self._weight64 = weight * mask  # padding has weight 0
         ref_rows = self.reference.expand(self.num_clients, -1)
-        self._ref_log_odds64 = policy.log_odds(ref_rows, phi_w, phi_l)
-        # Hot-path copies in the engine's dtype and device.
+        self._ref_log_odds64 = policy.log_odds(ref_rows, self._pairs64)
+        # Hot-path copies in the engine's dtype and device, flattened over (client, pair) for index_select.
         to = dict(dtype=dtype, device=self.device)
-        self.phi_w, self.phi_l = phi_w.to(**to), phi_l.to(**to)
-        self.ref_log_odds = self._ref_log_odds64.to(**to)
+        self._pair_shape = self._pairs64.shape[2:]
+        self.pairs_flat = self._pairs64.reshape(-1, *self._pair_shape).to(**to)
+        self.ref_log_odds_flat = self._ref_log_odds64.reshape(-1).to(**to)
         self.weight = self._weight64.to(**to)
         self._sizes_f = sizes.to(**to)
         self._eval_ref: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -72,18 +74,20 @@ class FeatureTask:
         # Uniform with replacement, drawn for all clients on the CPU generator so every engine agrees.
         u = torch.rand(n, batch_size, generator=generator, dtype=torch.float64)
         index = (u * self.client_sizes[:, None]).long().to(self.device)
-        rows = torch.arange(n, device=self.device)[:, None]
-        return Batch(index, self.weight[rows, index] / batch_size)
+        flat = (torch.arange(n, device=self.device)[:, None] * N + index).reshape(-1)
+        return Batch(index, self.weight.reshape(-1).index_select(0, flat).reshape(n, batch_size) / batch_size)
 
     def loss_and_grad(self, X: torch.Tensor, nodes: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         b = batch.rows(nodes)
-        rows = nodes[:, None]
-        return self._loss_and_grad(X, self.phi_w[rows, b.index], self.phi_l[rows, b.index], self.ref_log_odds[rows, b.index], b.scale)
+        flat = (nodes[:, None] * self.weight.shape[1] + b.index).reshape(-1)  # one index_select, not 2-D fancy indexing
+        pairs = self.pairs_flat.index_select(0, flat).reshape(*b.index.shape, *self._pair_shape)
+        ref = self.ref_log_odds_flat.index_select(0, flat).reshape(b.index.shape)
+        return self._loss_and_grad(X, pairs, ref, b.scale)
 
-    def _loss_and_grad(self, X, phi_w, phi_l, ref, scale):
+    def _loss_and_grad(self, X, pairs, ref, scale):
         with torch.enable_grad():
             X = X.detach().requires_grad_(True)
-            h = self.policy.log_odds(X, phi_w, phi_l) - ref
+            h = self.policy.log_odds(X, pairs) - ref
             per_row = (margin_loss(h, self.beta, self.loss_type, self.label_smoothing) * scale).sum(1)
             (grad,) = torch.autograd.grad(per_row.sum(), X)
         return per_row.detach(), grad
@@ -108,25 +112,23 @@ class FeatureTask:
         """f_i(θ) and ∇f_i(θ) for every client, full batch, float64."""
         X = theta.detach().to(torch.float64).cpu().expand(self.num_clients, -1)
         scale = self._weight64 / self.client_sizes.to(torch.float64)[:, None]
-        return self._loss_and_grad(X, self._phi_w64, self._phi_l64, self._ref_log_odds64, scale)
+        return self._loss_and_grad(X, self._pairs64, self._ref_log_odds64, scale)
 
     def objective(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """f(θ) = Σ_i weights_i f_i(θ), float64 and differentiable (for the centralized solver)."""
         X = theta.expand(self.num_clients, -1)
-        h = self.policy.log_odds(X, self._phi_w64, self._phi_l64) - self._ref_log_odds64
+        h = self.policy.log_odds(X, self._pairs64) - self._ref_log_odds64
         scale = self._weight64 / self.client_sizes.to(torch.float64)[:, None]
         losses = (margin_loss(h, self.beta, self.loss_type, self.label_smoothing) * scale).sum(1)
         return weights.to(torch.float64) @ losses
 
     def grad_noise(self, theta: torch.Tensor) -> float:
         """σ²: variance of a one-pair stochastic gradient around ∇f_i(θ), averaged over clients."""
-        n, N, d = self._phi_w64.shape
+        n, N = self._weight64.shape
         X = theta.detach().to(torch.float64).cpu().expand(n * N, -1)
         ones = torch.ones(n * N, 1, dtype=torch.float64)
-        _, g = self._loss_and_grad(
-            X, self._phi_w64.reshape(n * N, 1, d), self._phi_l64.reshape(n * N, 1, d),
-            self._ref_log_odds64.reshape(n * N, 1), ones,
-        )
+        pairs = self._pairs64.reshape(n * N, 1, *self._pairs64.shape[2:])
+        _, g = self._loss_and_grad(X, pairs, self._ref_log_odds64.reshape(n * N, 1), ones)
         g = g.reshape(n, N, -1)
         w = self._weight64 / self._weight64.sum(1, keepdim=True)  # each client's sampling distribution
         mean = torch.einsum("nk,nkp->np", w, g)
