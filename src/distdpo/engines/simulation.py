@@ -37,3 +37,38 @@ class SimulatedCommunicator:
         if self.topology is None:
             raise RuntimeError("mix() needs a topology: this run has none (is the algorithm decentralized?)")
         return self._matrix(round_index) @ values
+
+
+def run(cfg, label: str, cache, *, progress: bool = True):
+    """Train one configuration in this process; returns (metric rows, summary entry)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from distdpo import build
+    from distdpo.metrics import Recorder
+
+    task = cache.task(cfg)
+    weights = build.client_weights(cfg, task.client_sizes)
+    topology = build.build_topology(cfg)
+    sparse = {"auto": "auto", "dense": False, "sparse": True}[cfg.engine.sparse_mix]
+    comm = SimulatedCommunicator(task.num_clients, topology, sparse=sparse, dtype=build.torch_dtype(cfg), device=build.device(cfg))
+    algo = build.build_algorithm(cfg, task, comm, topology, weights)
+    rec = Recorder(cfg, label, task, weights, topology, cache.optimum(cfg, task, weights))
+    rec.record(0, algo.global_params(), {}, 0.0)
+    wall, rounds = 0.0, cfg.algorithm.rounds
+    show = progress and cfg.engine.progress
+    bar = tqdm(range(1, rounds + 1), desc=label, leave=False, disable=None if show else True, unit="round")
+    for r in bar:
+        t0 = time.perf_counter()
+        stats = algo.run_round(r - 1)
+        if comm.device.type == "cuda":
+            torch.cuda.synchronize()
+        wall += time.perf_counter() - t0
+        if r % cfg.engine.eval_every == 0 or r == rounds:
+            row = rec.record(r, algo.global_params(), stats, wall)
+            bar.set_postfix(loss=f"{row['global_loss']:.4f}")
+        else:
+            rec.skip(stats)
+    bar.close()
+    return rec.rows, rec.summary(algo.global_params())
