@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from distdpo.algorithms.centralized import Centralized
@@ -31,10 +33,14 @@ def device(cfg: Config) -> torch.device:
 
 def task_key(cfg: Config) -> tuple:
     """Runs whose configs share this key share the same task (data, policy, loss)."""
-    return (cfg.seed, tuple(vars(cfg.data).items()), tuple(vars(cfg.policy).items()), cfg.engine.dtype, cfg.engine.device)
+    return (cfg.seed, json.dumps(vars(cfg.data), sort_keys=True), json.dumps(vars(cfg.policy), sort_keys=True),
+            cfg.engine.dtype, cfg.engine.device)
 
 
-def build_task(cfg: Config) -> FeatureTask:
+def build_task(cfg: Config):
+    """The workload of ``cfg``: the synthetic feature model, or a language model on text pairs."""
+    if cfg.policy.kind == "causal_lm":
+        return build_text_task(cfg)
     d, p = cfg.data, cfg.policy
     data = make_synthetic(
         num_clients=d.num_clients, pairs_per_client=d.pairs_per_client, eval_pairs_per_client=d.eval_pairs_per_client,
@@ -100,3 +106,51 @@ def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights:
         clients_per_round=a.clients_per_round or task.num_clients, staleness=a.staleness,
         prox_mu=a.mu if a.name == "fedprox" else 0.0, scaffold=a.name == "scaffold", **common,
     )
+
+
+def build_text_task(cfg: Config):
+    """Load text pairs, split them across clients, tokenize, and wrap a causal LM policy around them."""
+    import numpy as np
+
+    from distdpo.data.partition import partition, train_eval_split
+    from distdpo.data.text import DataFormatError, load_preferences
+    from distdpo.lm.logprobs import tokenize_pairs
+    from distdpo.lm.policy import CausalLMPolicy, load_model_and_tokenizer
+    from distdpo.tasks.text import TextTask
+
+    d, p = cfg.data, cfg.policy
+    try:
+        data = load_preferences(d.source, d.format, on_error=d.on_error, split=d.split or None, pandalm_mode=d.pandalm_mode)
+    except (DataFormatError, FileNotFoundError) as e:
+        raise ConfigError(f"data.source: {e}") from None
+    if d.max_pairs and d.max_pairs < len(data):
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(data), d.max_pairs, replace=False))
+        data = data.select(keep)
+    labels = None
+    if d.label_column:
+        try:
+            labels = data.column(d.label_column)
+        except KeyError as e:
+            raise ConfigError(f"data.label_column: {e.args[0]}") from None
+    try:
+        clients, names = partition(
+            len(data), None if d.partition == "natural" else d.num_clients, d.partition, labels=labels,
+            alpha=d.dirichlet_alpha, quantity_alpha=d.quantity_alpha, seed=cfg.seed, min_size=2,
+        )
+        train, held_out = train_eval_split(clients, d.eval_fraction, seed=cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"data.partition: {e}") from None
+    if cfg.algorithm.clients_per_round > len(train):
+        raise ConfigError(f"algorithm.clients_per_round = {cfg.algorithm.clients_per_round} exceeds the {len(train)} clients of this split")
+    train_ids = np.concatenate(train)
+    texts = [t for i in train_ids for t in (data.prompt[i], data.chosen[i], data.rejected[i])]
+    model, tokenizer = load_model_and_tokenizer(p.model, training_texts=texts, vocab_size=p.tokenizer_vocab_size, seed=cfg.seed)
+    pairs = tokenize_pairs(tokenizer, data.prompt, data.chosen, data.rejected, p.max_length)
+    policy = CausalLMPolicy(model, tokenizer, lora_r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
+                            target_modules=p.lora_target_modules or None, device=device(cfg))
+    task = TextTask(policy, pairs, train, held_out, names, beta=p.beta, loss_type=p.loss_type,
+                    label_smoothing=p.label_smoothing, loss_pairs_per_client=d.loss_pairs_per_client)
+    task.data_stats = {**data.stats, **pairs.stats}
+    if p.precompute_reference:
+        task.data_stats["reference_logps"] = task.precompute_reference()
+    return task

@@ -39,15 +39,36 @@ class DataConfig:
     label_noise: float = 0.0
     reward_scale: float = 2.0
     reference_scale: float = 0.5
+    # Text preference data (data.source = a file path or a Hugging Face dataset id).
+    format: str = "auto"  # auto | trl | hh-rlhf | pandalm | shp | ultrafeedback
+    split: str = ""  # Hugging Face split ("" = train)
+    on_error: str = "raise"  # raise | skip (malformed records)
+    pandalm_mode: str = "votes"  # votes | majority
+    max_pairs: int = 0  # 0 = all; else a seeded random subset
+    partition: str = "iid"  # iid | dirichlet | natural | quantity
+    label_column: str = ""
+    dirichlet_alpha: float = 0.5
+    quantity_alpha: float = 1.0
+    eval_fraction: float = 0.1
+    loss_pairs_per_client: int = 16  # fixed training pairs per client for the global loss / gradient metrics
 
 
 @dataclass
 class PolicyConfig:
-    kind: str = "loglinear"  # loglinear | mlp
+    kind: str = "loglinear"  # loglinear | mlp | causal_lm
     beta: float = 1.0
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0
     hidden_size: int = 32  # mlp
+    # Causal language models.
+    model: str = "builtin:gpt2-tiny"  # builtin:gpt2-tiny | builtin:llama-tiny | local path | hub id
+    max_length: int = 256
+    lora_r: int = 8  # 0 = full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=list)  # [] = peft's default for the architecture
+    precompute_reference: bool = False
+    tokenizer_vocab_size: int = 4096  # built-in models: BPE vocabulary trained on the training text
 
 
 @dataclass
@@ -106,8 +127,11 @@ class Config:
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name not in ("seed", "sweep")}
 
 CHOICES = {
-    "data.source": ("synthetic",),
-    "policy.kind": ("loglinear", "mlp"),
+    "data.format": ("auto", "trl", "hh-rlhf", "pandalm", "shp", "ultrafeedback"),
+    "data.on_error": ("raise", "skip"),
+    "data.pandalm_mode": ("votes", "majority"),
+    "data.partition": ("iid", "dirichlet", "natural", "quantity"),
+    "policy.kind": ("loglinear", "mlp", "causal_lm"),
     "policy.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
     "algorithm.name": ALGORITHMS,
     "algorithm.aggregation": ("auto", "size", "uniform"),
@@ -122,12 +146,14 @@ CHOICES = {
 }
 POSITIVE = {
     "data.num_clients", "data.pairs_per_client", "data.eval_pairs_per_client", "data.dim", "policy.beta",
-    "policy.hidden_size", "algorithm.rounds", "algorithm.local_steps", "algorithm.lr", "algorithm.server_lr",
+    "policy.hidden_size", "policy.max_length", "policy.lora_alpha", "policy.tokenizer_vocab_size",
+    "data.dirichlet_alpha", "data.quantity_alpha", "data.loss_pairs_per_client", "algorithm.rounds", "algorithm.local_steps", "algorithm.lr", "algorithm.server_lr",
     "engine.eval_every",
 }
 NONNEGATIVE = {
     "data.size_skew", "data.heterogeneity", "data.label_noise", "data.reward_scale", "data.reference_scale",
-    "policy.label_smoothing", "algorithm.clients_per_round", "algorithm.staleness", "algorithm.weight_decay",
+    "policy.label_smoothing", "policy.lora_r", "policy.lora_dropout", "data.max_pairs", "data.eval_fraction",
+    "algorithm.clients_per_round", "algorithm.staleness", "algorithm.weight_decay",
     "algorithm.mu", "algorithm.server_momentum", "algorithm.server_beta2", "algorithm.server_tau", "topology.er_p",
 }
 
@@ -156,6 +182,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         value = float(value)
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"{key} must be a string, got {value!r}")
+    elif kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ConfigError(f"{key} must be a list of strings, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key} must be one of {', '.join(map(repr, CHOICES[key]))}, got {value!r}{_suggest(str(value), CHOICES[key])}")
     if key in POSITIVE and not value > 0:
@@ -274,5 +302,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"policy.label_smoothing must be below 0.5, got {cfg.policy.label_smoothing}")
     if d.num_actions < 2:
         raise ConfigError(f"data.num_actions must be at least 2, got {d.num_actions}")
+    text = d.source != "synthetic"
+    if text != (cfg.policy.kind == "causal_lm"):
+        raise ConfigError(
+            f"policy.kind = {cfg.policy.kind!r} does not fit data.source = {d.source!r}: text preference data needs "
+            "policy.kind = 'causal_lm', and the synthetic model needs 'loglinear' or 'mlp'"
+        )
+    if not d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be below 1, got {d.eval_fraction}")
+    if d.partition in ("dirichlet", "natural") and text and not d.label_column:
+        raise ConfigError(f"data.partition = {d.partition!r} needs data.label_column (the column to split by)")
     if cfg.topology.er_p > 1:
         raise ConfigError(f"topology.er_p must be a probability, got {cfg.topology.er_p}")

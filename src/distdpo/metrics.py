@@ -77,6 +77,8 @@ class Recorder:
         if self.optimum is not None:
             out["solver"] = {"grad_norm": self.optimum.grad_norm, "iterations": self.optimum.iterations,
                              "converged": self.optimum.converged}
+        if getattr(self.task, "data_stats", None):
+            out["data_stats"] = self.task.data_stats  # dropped / skipped / truncated counts of text data
         if self.topology is not None:
             out["topology"] = self.topology.describe()
             out["spectral_gap"] = out["topology"]["spectral_gap"]

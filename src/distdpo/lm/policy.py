@@ -1,0 +1,114 @@
+"""A Hugging Face causal LM as a DPO policy whose trainable part is one flat vector.
+
+With LoRA (``lora_r > 0``) the trainable part is the `peft` adapter and the
+reference policy is the same model with the adapter disabled; with full
+fine-tuning it is every weight and the reference is a frozen copy. Engines
+only ever see the flat vector: that is what nodes hold, average and send.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from distdpo.lm.builtin import build_model, is_builtin, train_tokenizer
+from distdpo.lm.logprobs import PackedBatch, pair_logps
+
+
+def load_model_and_tokenizer(model: str, *, training_texts=None, vocab_size: int = 4096, seed: int = 0):
+    """``builtin:<name>`` (random init + BPE trained on ``training_texts``), a local path, or a hub id."""
+    if is_builtin(model):
+        if training_texts is None:
+            raise ValueError("a built-in model needs training texts for its tokenizer")
+        tok = train_tokenizer(training_texts, vocab_size)
+        return build_model(model, len(tok), seed), tok
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(model).exists()
+    try:
+        tok = AutoTokenizer.from_pretrained(model, local_files_only=local)
+        lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=local)
+    except OSError as e:
+        raise ValueError(
+            f"cannot load policy.model = {model!r}: not a local model directory, and the Hugging Face hub did not "
+            f"provide it ({e.__class__.__name__}); use a local path or 'builtin:gpt2-tiny' offline"
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return lm, tok
+
+
+class CausalLMPolicy:
+    """The model, its reference, and the flat view of its trainable parameters."""
+
+    def __init__(self, model, tokenizer, *, lora_r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                 target_modules: list[str] | None = None, device: torch.device | str = "cpu"):
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        model = model.to(self.device)
+        # Dropout off (as TRL's disable_dropout): gradients are then deterministic, so engines can agree exactly.
+        model.eval()
+        self.lora = lora_r > 0
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                target_modules=target_modules or None, task_type="CAUSAL_LM",
+                                fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores Conv1D weights transposed
+            self.model = get_peft_model(model, config)
+            self.model.eval()
+            self.reference_model = None
+        else:
+            self.model = model
+            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.num_params = sum(p.numel() for p in self.params)
+        self.pad_id = tokenizer.pad_token_id
+
+    def get_flat(self) -> torch.Tensor:
+        return parameters_to_vector(self.params).detach().clone()
+
+    def set_flat(self, vector: torch.Tensor) -> None:
+        with torch.no_grad():
+            vector_to_parameters(vector.to(self.device, self.params[0].dtype), self.params)
+
+    def flat_grad(self) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_logps(self.model, batch, self.autocast_dtype)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lora:
+            with self.model.disable_adapter():
+                return pair_logps(self.model, batch, self.autocast_dtype)
+        return pair_logps(self.reference_model, batch, self.autocast_dtype)
+
+    def fingerprint(self) -> str:
+        """Identifies the reference model's weights (for caching reference log-probs)."""
+        h = hashlib.sha256()
+        ref = self.model.get_base_model() if self.lora else self.reference_model
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if "lora_" in name:
+                    continue
+                h.update(name.encode())
+                h.update(str(tuple(p.shape)).encode())
+                h.update(f"{float(p.double().sum()):.10e}".encode())
+        return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTDPO_CACHE", Path.home() / ".cache" / "distdpo"))
+

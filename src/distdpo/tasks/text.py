@@ -1,0 +1,235 @@
+"""DPO of a causal language model on text preference pairs split across clients.
+
+The simulator keeps one base model and one flat trainable vector (the LoRA
+adapter, or all weights) per node; ``loss_and_grad`` loads a node's vector,
+runs its minibatch and reads the gradient back. Reference log-probs never
+change, so each pair's are computed once and cached (in memory, and on disk
+when ``precompute_reference`` is set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from distdpo.io import write_bytes_atomic
+from distdpo.lm.logprobs import TokenizedPairs, pack
+from distdpo.lm.policy import CausalLMPolicy, cache_dir
+from distdpo.losses import dpo_loss, margin_loss
+from distdpo.tasks.base import Batch
+
+log = logging.getLogger(__name__)
+
+
+class TextTask:
+    """Clients' pairs are index arrays into one tokenized set; the policy is shared, rows are swapped in."""
+
+    convex = False
+
+    def __init__(
+        self,
+        policy: CausalLMPolicy,
+        pairs: TokenizedPairs,
+        train: list[np.ndarray],
+        eval: list[np.ndarray],
+        client_names: list[str],
+        *,
+        beta: float,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        loss_pairs_per_client: int = 16,
+        eval_chunk: int = 16,
+        pair_weight: list[np.ndarray] | None = None,
+    ):
+        self.policy, self.pairs = policy, pairs
+        self.train = [torch.as_tensor(np.asarray(t), dtype=torch.long) for t in train]
+        self.eval = [torch.as_tensor(np.asarray(e), dtype=torch.long) for e in eval]
+        self.client_names = list(client_names)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.loss_pairs_per_client, self.eval_chunk = loss_pairs_per_client, eval_chunk
+        self.num_clients = len(self.train)
+        self.num_params = policy.num_params
+        self.client_sizes = torch.tensor([len(t) for t in self.train], dtype=torch.long)
+        if (self.client_sizes == 0).any():
+            empty = [self.client_names[i] for i in np.flatnonzero(self.client_sizes.numpy() == 0)]
+            raise ValueError(f"clients with no training pairs: {', '.join(empty)} (fewer clients or a larger split)")
+        N = int(self.client_sizes.max())
+        weight = torch.zeros(self.num_clients, N, dtype=torch.float64)
+        for i, size in enumerate(self.client_sizes.tolist()):
+            weight[i, :size] = 1.0 if pair_weight is None else torch.as_tensor(pair_weight[i], dtype=torch.float64)
+        self.weight = weight
+        self._ref = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64)
+        self._initial = policy.get_flat()
+        self._tokens, self._seconds, self._counting = 0, 0.0, True
+
+    # ---- what the algorithms use -------------------------------------------------
+
+    def initial_params(self) -> torch.Tensor:
+        return self._initial.clone()
+
+    def sample_batch(self, generator: torch.Generator, batch_size: int | None) -> Batch:
+        n, N = self.weight.shape
+        if batch_size is None:
+            index = torch.arange(N).expand(n, N)
+            return Batch(index, self.weight / self.client_sizes.to(torch.float64)[:, None])
+        u = torch.rand(n, batch_size, generator=generator, dtype=torch.float64)
+        index = (u * self.client_sizes[:, None]).long()
+        return Batch(index, torch.gather(self.weight, 1, index) / batch_size)
+
+    def loss_and_grad(self, X: torch.Tensor, nodes: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, grads = [], []
+        t0 = time.perf_counter()
+        for k, node in enumerate(nodes.tolist()):
+            take = batch.scale[node] > 0
+            ids = self.train[node][batch.index[node][take]]
+            scale = batch.scale[node][take].to(self.policy.device, torch.float32)
+            self.policy.set_flat(X[k])
+            with torch.enable_grad():
+                per_pair, real = self._pair_losses(ids)
+                loss = (per_pair * scale).sum()
+                loss.backward()
+            grads.append(self.policy.flat_grad().to(X.dtype))
+            self.policy.zero_grad()
+            losses.append(loss.detach().to(X.dtype))
+            self._tokens += real if self._counting else 0
+        if self._counting:
+            self._seconds += time.perf_counter() - t0
+        return torch.stack(losses).cpu(), torch.stack(grads).to(X.device)
+
+    def _pair_losses(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        batch = pack(self.pairs, ids.tolist(), self.policy.pad_id).to(self.policy.device)
+        ref = self.reference(ids).to(self.policy.device, torch.float32)
+        pol_w, pol_l = self.policy.logps(batch)
+        h = (pol_w - ref[:, 0]) - (pol_l - ref[:, 1])
+        return margin_loss(h, self.beta, self.loss_type, self.label_smoothing), batch.real_tokens
+
+    def pooled(self, weights: torch.Tensor) -> "TextTask":
+        """One client with every training pair, each weighted so that its mean loss is Σ_i weights_i f_i."""
+        total = int(self.client_sizes.sum())
+        w = [np.full(len(t), float(weights[i]) * total / len(t)) for i, t in enumerate(self.train)]
+        task = TextTask.__new__(TextTask)
+        task.__dict__.update(self.__dict__)
+        task.train = [torch.cat(self.train)]
+        task.client_sizes = torch.tensor([total])
+        task.num_clients = 1
+        task.weight = torch.as_tensor(np.concatenate(w))[None]
+        return task
+
+    # ---- reference log-probs ------------------------------------------------------
+
+    def reference(self, ids: torch.Tensor) -> torch.Tensor:
+        """[len(ids), 2] reference log-probs of (chosen, rejected), computed once per pair."""
+        missing = ids[torch.isnan(self._ref[ids, 0])].unique()
+        for start in range(0, len(missing), self.eval_chunk):
+            chunk = missing[start : start + self.eval_chunk]
+            w, l = self.policy.reference_logps(pack(self.pairs, chunk.tolist(), self.policy.pad_id).to(self.policy.device))
+            self._ref[chunk, 0], self._ref[chunk, 1] = w.double().cpu(), l.double().cpu()
+        return self._ref[ids]
+
+    def precompute_reference(self) -> str:
+        """Reference log-probs of every pair, from the disk cache keyed by model and data when present."""
+        h = hashlib.sha256(self.policy.fingerprint().encode())
+        for seq in (self.pairs.prompt, self.pairs.chosen, self.pairs.rejected):
+            for t in seq:
+                h.update(t.numpy().tobytes())
+                h.update(b"|")
+        path = cache_dir() / "reference_logps" / f"{h.hexdigest()[:24]}.safetensors"
+        if path.exists():
+            cached = load_file(str(path))["logps"]
+            if cached.shape == self._ref.shape:
+                self._ref = cached
+                return f"loaded from {path}"
+        self.reference(torch.arange(len(self.pairs)))
+        write_bytes_atomic(path, save({"logps": self._ref.contiguous()}))
+        return f"computed and cached at {path}"
+
+    # ---- measurement -------------------------------------------------------------------
+
+    def _loss_batch(self) -> Batch:
+        """The first ``loss_pairs_per_client`` training pairs of every client (fixed, for the global loss)."""
+        m = min(self.loss_pairs_per_client, int(self.client_sizes.max()))
+        pos = torch.arange(m).expand(self.num_clients, m)
+        sizes = torch.minimum(self.client_sizes, torch.tensor(m))
+        valid = pos < sizes[:, None]
+        index = torch.where(valid, pos, 0)
+        scale = torch.gather(self.weight, 1, index) * valid
+        return Batch(index, scale / scale.sum(1, keepdim=True))
+
+    def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+        """Global/per-client DPO loss and gradient on a fixed training subsample; held-out accuracies."""
+        self._counting = False
+        try:
+            X = theta.to(torch.float32).expand(self.num_clients, -1)
+            losses, grads = self.loss_and_grad(X, torch.arange(self.num_clients), self._loss_batch())
+        finally:
+            self._counting = True
+        w = weights.to(torch.float64)
+        losses, grads = losses.double(), grads.double().cpu()
+        full = w @ grads
+        out = {
+            "global_loss": float(w @ losses),
+            "grad_norm_sq": float(full @ full),
+            "heterogeneity": float(((grads - full) ** 2).sum(1).mean()),
+            "worst_client_loss": float(losses.max()),
+            "tokens_per_second": self._tokens / self._seconds if self._seconds else float("nan"),
+        }
+        self._tokens, self._seconds = 0, 0.0
+        for name, loss in zip(self.client_names, losses.tolist()):
+            out[f"client_loss/{name}"] = loss
+        out.update(self.held_out_metrics(theta))
+        return out
+
+    @torch.no_grad()
+    def held_out_metrics(self, theta: torch.Tensor) -> dict[str, float]:
+        self.policy.set_flat(theta)
+        acc, parts = [], []
+        for ids in self.eval:
+            if len(ids) == 0:
+                continue
+            w, l = [], []
+            for start in range(0, len(ids), self.eval_chunk):
+                chunk = ids[start : start + self.eval_chunk]
+                pw, pl = self.policy.logps(pack(self.pairs, chunk.tolist(), self.policy.pad_id).to(self.policy.device))
+                w.append(pw.double().cpu())
+                l.append(pl.double().cpu())
+            ref = self.reference(ids)
+            losses, m = dpo_loss(torch.cat(w), torch.cat(l), ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.label_smoothing)
+            acc.append(float(m["rewards/accuracies"].mean()))
+            parts.append((losses, m, torch.cat(w) - ref[:, 0]))
+        if not parts:
+            return {}
+        cat = lambda key: torch.cat([p[1][key] for p in parts]).mean().item()  # noqa: E731
+        return {
+            "eval_loss": torch.cat([p[0] for p in parts]).mean().item(),
+            "pref_accuracy": float(np.mean(acc)),
+            "pref_accuracy_worst": float(np.min(acc)),
+            "reward_margin": cat("rewards/margins"),
+            "rewards/chosen": cat("rewards/chosen"),
+            "rewards/rejected": cat("rewards/rejected"),
+            "logratio_chosen": torch.cat([p[2] for p in parts]).mean().item(),
+        }
+
+    def grad_noise(self, theta: torch.Tensor, pairs_per_client: int = 4) -> float:
+        """σ² estimated from one-pair gradients of the first few training pairs of each client."""
+        X = theta.to(torch.float32)[None]
+        total, count = 0.0, 0
+        self._counting = False
+        try:
+            for i in range(self.num_clients):
+                m = min(pairs_per_client, int(self.client_sizes[i]))
+                if m < 2:
+                    continue
+                g = torch.stack([
+                    self.loss_and_grad(X, torch.tensor([i]), Batch(torch.full((self.num_clients, 1), j), torch.ones(self.num_clients, 1)))[1][0]
+                    for j in range(m)
+                ]).double()
+                total += float(((g - g.mean(0)) ** 2).sum(1).sum() / (m - 1))
+                count += 1
+        finally:
+            self._counting = True
+        return total / count if count else float("nan")

@@ -1,0 +1,129 @@
+"""Causal-LM DPO: packed log-probs against an explicit per-token loop, padding, LoRA, the loss at init."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distdpo.lm.builtin import build_model, train_tokenizer
+from distdpo.lm.logprobs import pack, pair_logps, sequence_logp_loop, tokenize_pairs
+from distdpo.lm.policy import CausalLMPolicy
+from distdpo.losses import dpo_loss
+from distdpo.tasks.base import Batch
+from distdpo.tasks.text import TextTask
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def hhh_texts(n=24):
+    path = SHARED / "hhh-alignment" / "hhh.jsonl"
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path}")
+    recs = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    return [r["prompt"] for r in recs], [r["chosen"] for r in recs], [r["rejected"] for r in recs]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    P, C, R = hhh_texts()
+    tok = train_tokenizer(P + C + R, vocab_size=512)
+    model = build_model("builtin:gpt2-tiny", len(tok), seed=0).eval()
+    pairs = tokenize_pairs(tok, P, C, R, max_length=96)
+    return tok, model, pairs
+
+
+@pytest.mark.parametrize("arch", ["gpt2-tiny", "llama-tiny"])
+def test_packed_logps_equal_an_explicit_token_loop(lm, arch):
+    tok, model, pairs = lm
+    model = build_model(f"builtin:{arch}", len(tok), seed=1).eval()
+    with torch.no_grad():
+        w, l = pair_logps(model, pack(pairs, list(range(8)), tok.pad_token_id))
+    for i in range(8):
+        assert w[i].item() == pytest.approx(sequence_logp_loop(model, pairs.prompt[i], pairs.chosen[i]), rel=1e-5, abs=1e-4)
+        assert l[i].item() == pytest.approx(sequence_logp_loop(model, pairs.prompt[i], pairs.rejected[i]), rel=1e-5, abs=1e-4)
+
+
+def test_batching_and_padding_do_not_change_logps(lm):
+    tok, model, pairs = lm
+    with torch.no_grad():
+        alone = [pair_logps(model, pack(pairs, [i], tok.pad_token_id)) for i in range(6)]
+        batched = pair_logps(model, pack(pairs, [5, 3, 0, 1, 4, 2], tok.pad_token_id))
+    for k, i in enumerate([5, 3, 0, 1, 4, 2]):
+        assert batched[0][k].item() == pytest.approx(alone[i][0].item(), abs=1e-4)
+        assert batched[1][k].item() == pytest.approx(alone[i][1].item(), abs=1e-4)
+
+
+def test_truncation_keeps_prompt_end_and_counts():
+    tok = train_tokenizer(["hello world " * 50, "yes no"], vocab_size=300)
+    pairs = tokenize_pairs(tok, ["hello world " * 50], ["yes " * 40], ["no"], max_length=32)
+    assert len(pairs.prompt[0]) + len(pairs.chosen[0]) <= 32 and len(pairs.prompt[0]) + len(pairs.rejected[0]) <= 32
+    full = tok("hello world " * 50, add_special_tokens=False)["input_ids"]
+    assert pairs.prompt[0].tolist() == full[-len(pairs.prompt[0]):]  # the end of the prompt is kept
+    assert pairs.stats["truncated_prompts"] == 1 and pairs.stats["truncated_completions"] == 1
+    assert pairs.chosen[0][-1].item() != tok.eos_token_id  # cut completion: its EOS went with the cut
+    assert pairs.rejected[0][-1].item() == tok.eos_token_id
+
+
+def make_task(lm, lora_r=4):
+    tok, model, pairs = lm
+    policy = CausalLMPolicy(build_model("builtin:gpt2-tiny", len(tok), seed=0), tok, lora_r=lora_r, lora_alpha=8)
+    train = [np.arange(0, 8), np.arange(8, 16)]
+    held = [np.arange(16, 20), np.arange(20, 24)]
+    return TextTask(policy, pairs, train, held, ["a", "b"], beta=0.1, loss_pairs_per_client=4)
+
+
+def test_dpo_loss_on_a_real_batch_equals_per_example_computation(lm):
+    task = make_task(lm)
+    tok, model, pairs = lm
+    theta = task.initial_params() + 0.05 * torch.randn(task.num_params, generator=torch.Generator().manual_seed(0))
+    batch = Batch(torch.tensor([[0, 3, 5], [1, 2, 7]]), torch.full((2, 3), 1 / 3, dtype=torch.float64))
+    loss, _ = task.loss_and_grad(theta.expand(2, -1), torch.tensor([0, 1]), batch)
+    task.policy.set_flat(theta)
+    merged = task.policy.model  # policy with this adapter
+    for node, ids in ((0, [0, 3, 5]), (1, [9, 10, 15])):
+        pw = torch.tensor([sequence_logp_loop(merged, pairs.prompt[i], pairs.chosen[i]) for i in ids])
+        pl = torch.tensor([sequence_logp_loop(merged, pairs.prompt[i], pairs.rejected[i]) for i in ids])
+        rw = torch.tensor([sequence_logp_loop(model, pairs.prompt[i], pairs.chosen[i]) for i in ids])
+        rl = torch.tensor([sequence_logp_loop(model, pairs.prompt[i], pairs.rejected[i]) for i in ids])
+        expected, m = dpo_loss(pw, pl, rw, rl, beta=0.1)
+        assert loss[node].item() == pytest.approx(expected.mean().item(), rel=1e-4)
+        assert m["rewards/margins"].abs().sum() > 0  # the adapter moved the policy off the reference
+
+
+def test_loss_at_initialization_is_ln2_and_lora_changes_only_the_adapter(lm):
+    task = make_task(lm)
+    w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    m = task.evaluate(task.initial_params(), w)
+    assert m["global_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["reward_margin"] == pytest.approx(0.0, abs=1e-6) and m["pref_accuracy"] == 0.0  # ties are not wins
+    base_before = {k: v.clone() for k, v in task.policy.model.get_base_model().state_dict().items() if "lora_" not in k}
+    _, g = task.loss_and_grad(task.initial_params()[None], torch.tensor([0]), task.sample_batch(torch.Generator().manual_seed(0), 4))
+    task.policy.set_flat(task.initial_params() - 10.0 * g[0])
+    after = task.policy.model.get_base_model().state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base_before.items())  # base weights untouched
+    tok, model, pairs = lm
+    batch = pack(pairs, [0, 1, 2], tok.pad_token_id)
+    ref_w, _ = task.policy.reference_logps(batch)
+    with torch.no_grad():
+        base_w, _ = pair_logps(model, batch)
+        pol_w, _ = task.policy.logps(batch)
+    assert torch.allclose(ref_w, base_w, atol=1e-4)  # adapter disabled = the base model
+    assert not torch.allclose(pol_w, base_w, atol=1e-3)  # adapter enabled = a different policy
+    assert task.num_params < sum(p.numel() for p in model.parameters()) / 5
+
+
+def test_gradient_matches_finite_difference_on_the_adapter(lm):
+    task = make_task(lm)
+    theta = task.initial_params().double() + 0.1 * torch.randn(task.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    batch = Batch(torch.tensor([[0, 1], [0, 1]]), torch.full((2, 2), 0.5, dtype=torch.float64))
+    nodes = torch.tensor([0])
+    _, g = task.loss_and_grad(theta.float()[None], nodes, batch)
+    direction = g[0].double() / g[0].norm()
+    eps = 1e-2
+    up, _ = task.loss_and_grad((theta + eps * direction).float()[None], nodes, batch)
+    down, _ = task.loss_and_grad((theta - eps * direction).float()[None], nodes, batch)
+    fd = (up - down).item() / (2 * eps)
+    assert fd == pytest.approx(g[0].norm().item(), rel=2e-2)
