@@ -73,13 +73,19 @@ def client_weights(cfg: Config, sizes: torch.Tensor) -> torch.Tensor:
     return s / s.sum()
 
 
-def build_topology(cfg: Config) -> Topology | None:
+def num_clients_known(cfg: Config) -> bool:
+    """False when the client count comes from the data (one client per value of a column)."""
+    return cfg.data.source == "synthetic" or cfg.data.partition != "natural"
+
+
+def build_topology(cfg: Config, num_nodes: int | None = None) -> Topology | None:
+    """The gossip graph of a decentralized run over ``num_nodes`` (default: ``data.num_clients``)."""
     if cfg.algorithm.name not in DECENTRALIZED:
         return None
     t = cfg.topology
     try:
         return make_topology(
-            t.graph, cfg.data.num_clients, weights=t.weights, seed=cfg.seed,
+            t.graph, num_nodes or cfg.data.num_clients, weights=t.weights, seed=cfg.seed,
             er_p=t.er_p or None, matrix=t.matrix or None,
         )
     except TopologyError as e:
