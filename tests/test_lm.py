@@ -127,3 +127,48 @@ def test_gradient_matches_finite_difference_on_the_adapter(lm):
     down, _ = task.loss_and_grad((theta - eps * direction).float()[None], nodes, batch)
     fd = (up - down).item() / (2 * eps)
     assert fd == pytest.approx(g[0].norm().item(), rel=2e-2)
+
+
+def test_text_config_runs_end_to_end(tmp_path):
+    from distdpo.cli import main
+
+    path = SHARED / "pandalm" / "testset-v1.json"
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path}")
+    cfg = tmp_path / "pandalm.toml"
+    cfg.write_text(f"""
+[data]
+source = "{path}"
+format = "pandalm"
+partition = "natural"
+label_column = "annotator"
+max_pairs = 60
+eval_fraction = 0.2
+loss_pairs_per_client = 2
+[policy]
+kind = "causal_lm"
+model = "builtin:llama-tiny"
+max_length = 64
+lora_r = 2
+tokenizer_vocab_size = 300
+[algorithm]
+name = "gradient_tracking"
+rounds = 2
+local_steps = 1
+batch_size = 2
+lr = 0.5
+[engine]
+progress = false
+""")
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    run = summary["runs"]["run"]
+    assert run["num_clients"] == 3 and run["f_star"] is None
+    assert run["data_stats"]["dropped_ties"] > 0 and "truncated_prompts" in run["data_stats"]
+    assert "human preference data" in summary["data"]
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    for col in ("pref_accuracy_worst", "tokens_per_second", "client_loss/annotator1", "bytes_communicated"):
+        assert col in header
+    # 2 rounds × 6 directed messages (a ring of 3) × 2 vectors (GT: parameters and tracker) × p float32
+    assert run["final"]["bytes_communicated"] == 2 * 6 * 2 * run["num_params"] * 4

@@ -108,6 +108,17 @@ class EngineConfig:
     eval_every: int = 1
     sparse_mix: str = "auto"  # auto | dense | sparse
     progress: bool = True
+    # Engine "flower" (checkpoint_* may serve other engines too).
+    checkpoint_every: int = 0  # save global model + server state every N rounds (0 = never)
+    checkpoint_dir: str = ""  # checkpoints go to <checkpoint_dir>/<run label>/; an existing one is resumed
+    dp_clip: float = 0.0  # Flower's DP fixed clipping of client updates (0 = off)
+    dp_noise: float = 0.0  # Gaussian noise multiplier of that DP wrapper
+    dp_side: str = "server"  # server | client: where the clipping happens
+    flower_cpus: int = 0  # CPUs Ray may use in Flower's simulation (0 = all)
+    flower_timeout: float = 600.0  # seconds to wait for SuperNodes and their replies
+    # Engine "torchdist" (torch.distributed ranks, launched with torchrun / distdpo launch).
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    timeout_s: float = 60.0  # a rank silent this long fails the job, naming the rank
 
 
 @dataclass
@@ -139,7 +150,9 @@ CHOICES = {
     "algorithm.server_optimizer": ("auto", "sgd", "avgm", "adagrad", "adam", "yogi"),
     "algorithm.gossip": ("atc", "cta"),
     "topology.weights": ("metropolis", "max_degree", "lazy_metropolis", "lazy_max_degree"),
-    "engine.name": ("simulation",),
+    "engine.name": ("simulation", "flower", "torchdist"),
+    "engine.backend": ("auto", "gloo", "nccl"),
+    "engine.dp_side": ("server", "client"),
     "engine.device": ("cpu", "cuda", "auto"),
     "engine.dtype": ("float32", "float64"),
     "engine.sparse_mix": ("auto", "dense", "sparse"),
@@ -148,13 +161,14 @@ POSITIVE = {
     "data.num_clients", "data.pairs_per_client", "data.eval_pairs_per_client", "data.dim", "policy.beta",
     "policy.hidden_size", "policy.max_length", "policy.lora_alpha", "policy.tokenizer_vocab_size",
     "data.dirichlet_alpha", "data.quantity_alpha", "data.loss_pairs_per_client", "algorithm.rounds", "algorithm.local_steps", "algorithm.lr", "algorithm.server_lr",
-    "engine.eval_every",
+    "engine.eval_every", "engine.flower_timeout", "engine.timeout_s",
 }
 NONNEGATIVE = {
     "data.size_skew", "data.heterogeneity", "data.label_noise", "data.reward_scale", "data.reference_scale",
     "policy.label_smoothing", "policy.lora_r", "policy.lora_dropout", "data.max_pairs", "data.eval_fraction",
     "algorithm.clients_per_round", "algorithm.staleness", "algorithm.weight_decay",
     "algorithm.mu", "algorithm.server_momentum", "algorithm.server_beta2", "algorithm.server_tau", "topology.er_p",
+    "engine.checkpoint_every", "engine.dp_clip", "engine.dp_noise", "engine.flower_cpus",
 }
 
 
@@ -294,6 +308,14 @@ def validate(cfg: Config) -> None:
         )
     if a.name in ("scaffold", "gradient_tracking") and a.optimizer != "sgd":
         raise ConfigError(f"algorithm.optimizer = {a.optimizer!r}: {a.name} needs 'sgd' (its corrections assume SGD steps)")
+    if cfg.engine.name == "flower" and (a.name not in FEDERATED or a.staleness):
+        raise ConfigError(
+            f"engine.name = 'flower' runs the federated algorithms ({', '.join(FEDERATED)}) without staleness, got "
+            f"algorithm.name = {a.name!r}, algorithm.staleness = {a.staleness} (Flower's strategies apply the returned "
+            "models to the current global model; use the simulator for decentralized or stale runs)"
+        )
+    if cfg.engine.checkpoint_every and not cfg.engine.checkpoint_dir:
+        raise ConfigError("engine.checkpoint_every > 0 needs engine.checkpoint_dir (where checkpoints are written)")
     if a.staleness and a.name not in FEDERATED:
         raise ConfigError(f"algorithm.staleness applies to federated algorithms, not {a.name!r}")
     if d.label_noise >= 0.5:

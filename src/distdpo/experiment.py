@@ -23,10 +23,20 @@ from distdpo.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from distdpo.metrics import COLUMNS
 from distdpo.solver import solve_centralized
 
-DATA_NOTE = (
-    "synthetic personalized Bradley–Terry preferences with known per-user rewards (not human data); "
-    "clients simulated in one process"
-)
+ENGINE_NOTES = {
+    "simulation": "all clients simulated in one process",
+    "torchdist": "clients placed on torch.distributed ranks",
+    "flower": "clients run as Flower ClientApps",
+}
+
+
+def describe_data(cfg: Config) -> str:
+    """What the numbers of a run directory come from, said plainly (synthetic or real, simulated or not)."""
+    if cfg.data.source == "synthetic":
+        data = "synthetic personalized Bradley–Terry preferences with known per-user rewards (not human data)"
+    else:
+        data = f"human preference data from {cfg.data.source} (format {cfg.data.format}, split {cfg.data.partition})"
+    return f"{data}; {ENGINE_NOTES.get(cfg.engine.name, cfg.engine.name)}"
 
 
 class Cache:
@@ -81,19 +91,32 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
     out = Path(out_dir)
     runs = expand(cfg)
     for run_cfg in runs.values():  # refuse bad topologies (disconnected, bad W) before any work
-        build.build_topology(run_cfg)
+        if build.num_clients_known(run_cfg):
+            build.build_topology(run_cfg)
         build.device(run_cfg)
     config_text = _config_toml(cfg)
-    rows: list[dict] = []
-    summary: dict[str, Any] = {"data": DATA_NOTE, "engine": cfg.engine.name, "runs": {}}
-    if (out / "summary.json").exists():
-        if not resume:
-            raise ConfigError(f"run directory {out} already holds results; pass --resume to continue it or choose another --out")
-        if (out / "config.toml").read_text() != config_text:
-            raise ConfigError(f"cannot resume {out}: its config.toml differs from this config")
-        summary = json.loads((out / "summary.json").read_text())
-        rows = [r for r in _read_rows(out / "metrics.csv") if r["run"] in summary["runs"]]
-    write_text_atomic(out / "config.toml", config_text)
+    distributed = any(c.engine.name == "torchdist" for c in runs.values())
+    if distributed:  # rank 0 alone reads and writes the run directory; the other ranks follow its decisions
+        from distdpo.engines import torchdist
+
+        torchdist.init(cfg)
+    writer = not distributed or torchdist.rank() == 0
+
+    def previous() -> tuple[dict[str, Any], list[dict]]:
+        rows: list[dict] = []
+        summary: dict[str, Any] = {"data": describe_data(cfg), "engine": cfg.engine.name, "runs": {}}
+        if (out / "summary.json").exists():
+            if not resume:
+                raise ConfigError(f"run directory {out} already holds results; pass --resume to continue it or choose another --out")
+            if (out / "config.toml").read_text() != config_text:
+                raise ConfigError(f"cannot resume {out}: its config.toml differs from this config")
+            summary = json.loads((out / "summary.json").read_text())
+            rows = [r for r in _read_rows(out / "metrics.csv") if r["run"] in summary["runs"]]
+        return summary, rows
+
+    summary, rows = torchdist.on_rank0(previous) if distributed else previous()
+    if writer:
+        write_text_atomic(out / "config.toml", config_text)
     cache = Cache()
     for label, run_cfg in runs.items():
         if label in summary["runs"]:
@@ -101,12 +124,14 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
         run_rows, run_summary = run_one(run_cfg, label, cache, progress=progress)
         rows += run_rows
         summary["runs"][label] = run_summary
-        columns = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
-        write_csv_atomic(out / "metrics.csv", rows, columns)
-        write_json_atomic(out / "summary.json", summary)
-    from distdpo.plots import plot_run_directory
+        if writer:
+            columns = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+            write_csv_atomic(out / "metrics.csv", rows, columns)
+            write_json_atomic(out / "summary.json", summary)
+    if writer:
+        from distdpo.plots import plot_run_directory
 
-    plot_run_directory(rows, out)
+        plot_run_directory(rows, out)
     return out
 
 

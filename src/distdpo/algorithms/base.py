@@ -63,7 +63,10 @@ def local_steps(
     drift = torch.zeros(X.shape[0], dtype=torch.float64, device=X.device)
     direction = torch.zeros_like(X) if track_direction else None
     for _ in range(steps):
-        _, g = task.loss_and_grad(X, nodes, batch_fn())
+        batch = batch_fn()  # drawn even when this engine part holds no row: every part consumes the same numbers
+        if not len(X):
+            continue
+        _, g = task.loss_and_grad(X, nodes, batch)
         if correction is not None:
             g = g + correction
         if prox_mu:

@@ -25,6 +25,20 @@ class Centralized:
     def global_params(self) -> torch.Tensor:
         return self.X[0]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs to continue bit for bit (incl. AdamW's moments and step count)."""
+        state = {"X": self.X, "rng.data": self.data_gen.get_state()}
+        state.update({f"opt.{k}": torch.as_tensor(v) for k, v in self.state.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.X = state["X"].to(self.X)
+        self.data_gen.set_state(state["rng.data"])
+        for k, v in state.items():
+            if k.startswith("opt."):
+                name = k[len("opt."):]
+                self.state[name] = int(v) if name == "t" else v.to(self.X)
+
     def run_round(self, round_index: int) -> dict[str, float]:
         for _ in range(self.K):
             _, g = self.task.loss_and_grad(self.X, self.node, self.task.sample_batch(self.data_gen, self.batch_size))

@@ -57,6 +57,21 @@ class Decentralized:
     def global_params(self) -> torch.Tensor:
         return node_mean(self.comm, self.X)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs to continue bit for bit (this engine part's rows only)."""
+        state = {"X": self.X, "rng.data": self.data_gen.get_state()}
+        if self.tracking:
+            state["C"] = self.C
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["X"].shape != self.X.shape:
+            raise ValueError(f"checkpoint holds {state['X'].shape[0]} node rows, this engine part holds {self.X.shape[0]}")
+        self.X = state["X"].to(self.X)
+        self.data_gen.set_state(state["rng.data"])
+        if self.tracking:
+            self.C = state["C"].to(self.X)
+
     def _local(self, X: torch.Tensor):
         return local_steps(
             self.task, X, self.nodes, self.K, self.optimizer,

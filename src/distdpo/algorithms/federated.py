@@ -67,6 +67,25 @@ class Federated:
     def global_params(self) -> torch.Tensor:
         return self.theta
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs to continue bit for bit (SCAFFOLD's c_i: this engine part's rows only)."""
+        state = {"theta": self.theta, "history": torch.stack(self.history),
+                 "rng.data": self.data_gen.get_state(), "rng.sample": self.sample_gen.get_state()}
+        state.update({f"server.{k}": v for k, v in self.server.state.items()})
+        if self.scaffold:
+            state.update(c=self.c, c_local=self.c_local)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        like = self.theta
+        self.theta = state["theta"].to(like)
+        self.history = list(state["history"].to(like).unbind(0))
+        self.data_gen.set_state(state["rng.data"])
+        self.sample_gen.set_state(state["rng.sample"])
+        self.server.state = {k[len("server."):]: v.to(like) for k, v in state.items() if k.startswith("server.")}
+        if self.scaffold:
+            self.c, self.c_local = state["c"].to(like), state["c_local"].to(like)
+
     def run_round(self, round_index: int) -> dict[str, float]:
         sampled = sample_clients(self.sample_gen, self.comm.num_nodes, self.S)
         # Delays are drawn for every sampled client so every engine part consumes the same numbers.

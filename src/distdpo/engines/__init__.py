@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-ENGINES = {"simulation": "distdpo.engines.simulation"}
+ENGINES = {"simulation": "distdpo.engines.simulation", "flower": "distdpo.engines.flower",
+           "torchdist": "distdpo.engines.torchdist"}
 
 
 def runner(name: str):

@@ -45,21 +45,26 @@ def run(cfg, label: str, cache, *, progress: bool = True):
 
     from tqdm.auto import tqdm
 
-    from distdpo import build
+    from distdpo import build, faults
+    from distdpo.checkpoint import RunCheckpoint
     from distdpo.metrics import Recorder
 
     task = cache.task(cfg)
     weights = build.client_weights(cfg, task.client_sizes)
-    topology = build.build_topology(cfg)
+    topology = build.build_topology(cfg, task.num_clients)
     sparse = {"auto": "auto", "dense": False, "sparse": True}[cfg.engine.sparse_mix]
     comm = SimulatedCommunicator(task.num_clients, topology, sparse=sparse, dtype=build.torch_dtype(cfg), device=build.device(cfg))
     algo = build.build_algorithm(cfg, task, comm, topology, weights)
     rec = Recorder(cfg, label, task, weights, topology, cache.optimum(cfg, task, weights))
-    rec.record(0, algo.global_params(), {}, 0.0)
-    wall, rounds = 0.0, cfg.algorithm.rounds
+    ckpt = RunCheckpoint(cfg, label)  # continues from engine.checkpoint_dir/<label> when it holds one
+    start, wall, _ = ckpt.restore(algo, rec)
+    if start == 0:
+        rec.record(0, algo.global_params(), {}, 0.0)
+    rounds = cfg.algorithm.rounds
     show = progress and cfg.engine.progress
-    bar = tqdm(range(1, rounds + 1), desc=label, leave=False, disable=None if show else True, unit="round")
+    bar = tqdm(range(start + 1, rounds + 1), desc=label, leave=False, disable=None if show else True, unit="round")
     for r in bar:
+        faults.inject(0, r)
         t0 = time.perf_counter()
         stats = algo.run_round(r - 1)
         if comm.device.type == "cuda":
@@ -70,5 +75,7 @@ def run(cfg, label: str, cache, *, progress: bool = True):
             bar.set_postfix(loss=f"{row['global_loss']:.4f}")
         else:
             rec.skip(stats)
+        if ckpt.due(r):
+            ckpt.save(r, algo, rec, wall)
     bar.close()
     return rec.rows, rec.summary(algo.global_params())

@@ -1,0 +1,147 @@
+"""The Flower ServerApp: distdpo's federated training loop driven through a Flower ``Grid``.
+
+Per round: distdpo's seeded client sampling picks S partitions; the strategy
+(a Flower strategy, see :mod:`.strategies`) configures their train messages;
+the replies are aggregated by the strategy; the server evaluates the new global
+model with distdpo's :class:`~distdpo.metrics.Recorder`. ``train`` serves both
+Flower's simulation engine and a deployed SuperLink (``app`` below, for
+``flwr run``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from distdpo import build
+from distdpo.algorithms.federated import sample_clients
+from distdpo.config import Config, ConfigError
+from distdpo.engines.flower import common as C
+from distdpo.engines.flower.checkpoint import Checkpointer, generator_tensor, restore_generator
+from distdpo.engines.flower.strategies import Scaffold, SampledGrid, load_strategy_state, make_strategy, strategy_state
+
+
+def _raise_errors(replies: list[Message], expected: int, what: str) -> None:
+    errors = [m for m in replies if m.has_error()]
+    if errors:
+        m = errors[0]
+        raise RuntimeError(f"{what}: node {m.metadata.src_node_id} replied with an error: {m.error.reason}")
+    if len(replies) < expected:
+        raise RuntimeError(f"{what}: {len(replies)} of {expected} nodes replied before engine.flower_timeout")
+
+
+def discover_partitions(grid: Grid, config_text: str, num_clients: int, timeout: float) -> dict[int, int]:
+    """partition-id → node id, asked of every connected node (waits until ``num_clients`` are connected)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {num_clients} SuperNodes connected within {timeout:.0f} s")
+        time.sleep(0.1)
+    content = RecordDict({"config": ConfigRecord({C.CONFIG: config_text})})
+    replies = list(grid.send_and_receive([Message(content, node, "query") for node in nodes], timeout=timeout))
+    _raise_errors(replies, len(nodes), "partition discovery")
+    node_of: dict[int, int] = {}
+    for m in replies:
+        pid = int(m.content["metrics"][C.PARTITION])
+        if pid in node_of:
+            raise RuntimeError(f"two SuperNodes ({node_of[pid]}, {m.metadata.src_node_id}) claim {C.PARTITION} = {pid}")
+        node_of[pid] = m.metadata.src_node_id
+    missing = sorted(set(range(num_clients)) - set(node_of))
+    if missing:
+        raise RuntimeError(f"no SuperNode serves {C.PARTITION} {missing} (the config has {num_clients} clients)")
+    return node_of
+
+
+def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) -> tuple[list[dict], dict]:
+    """Run one configuration over ``grid``; returns (metric rows, summary entry) like the simulator."""
+    from tqdm.auto import tqdm
+
+    from distdpo.metrics import Recorder
+
+    a, e = cfg.algorithm, cfg.engine
+    task = cache.task(cfg)
+    n, dtype = task.num_clients, build.torch_dtype(cfg)
+    weights = build.client_weights(cfg, task.client_sizes)
+    text = C.config_text(cfg)
+    node_of = discover_partitions(grid, text, n, e.flower_timeout)
+    S = a.clients_per_round or n
+    strategy = make_strategy(cfg, task, weights, S)
+    if isinstance(strategy, Scaffold):
+        strategy.node_partition = {node: pid for pid, node in node_of.items()}
+    bs = build.batch_size(cfg)
+    theta = task.initial_params().to(dtype)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the simulator's minibatch generator
+    sample_gen = torch.Generator().manual_seed(cfg.seed + 2)  # and its client-sampling generator
+    rec = Recorder(cfg, label, task, weights, None, cache.optimum(cfg, task, weights))
+    ckpt = Checkpointer(Path(e.checkpoint_dir) / label, text) if e.checkpoint_every else None
+    first, wall = 1, 0.0
+    saved = ckpt.load() if ckpt else None
+    if saved:
+        done, tensors, meta = saved
+        theta = tensors["theta"].to(dtype)
+        restore_generator(data_gen, tensors["rng.data"])
+        restore_generator(sample_gen, tensors["rng.sample"])
+        load_strategy_state(strategy, {k[len("strategy."):]: v for k, v in tensors.items() if k.startswith("strategy.")})
+        rec.rows, rec.total_bytes, wall, first = meta["rows"], int(meta["total_bytes"]), float(meta["wall_time_s"]), done + 1
+    else:
+        rec.record(0, theta, {}, 0.0)
+    per_round = (3 if a.name == "scaffold" else 2) * S * task.num_params * theta.element_size()  # θ down+up (+ c − c_i)
+    show = progress and e.progress
+    bar = tqdm(range(first, a.rounds + 1), desc=label, leave=False, disable=None if show else True, unit="round")
+    for r in bar:
+        t0 = time.perf_counter()
+        sampled = sample_clients(sample_gen, n, S)
+        config = ConfigRecord({C.CONFIG: text, C.RNG_STATE: C.rng_to_bytes(data_gen)})
+        if a.name == "fedprox":
+            config["proximal-mu"] = a.mu  # FedProx's key; set here too when a server optimizer replaces FedProx
+        for _ in range(a.local_steps):  # advance past the batches the clients draw from that state
+            task.sample_batch(data_gen, bs)
+        messages = list(strategy.configure_train(r, C.to_record(theta=theta), config,
+                                                 SampledGrid(grid, [node_of[int(i)] for i in sampled])))
+        replies = list(grid.send_and_receive(messages, timeout=e.flower_timeout))
+        _raise_errors(replies, len(messages), f"round {r}")
+        arrays, _ = strategy.aggregate_train(r, replies)
+        if arrays is None:
+            raise RuntimeError(f"round {r}: the strategy returned no model")
+        theta = C.from_record(arrays, C.THETA, dtype, task.device)
+        drift = sum(float(m.content["metrics"][C.DRIFT]) for m in replies) / len(replies)
+        stats = {"client_drift": drift, "bytes": per_round}
+        wall += time.perf_counter() - t0
+        if r % e.eval_every == 0 or r == a.rounds:
+            row = rec.record(r, theta, stats, wall)
+            bar.set_postfix(loss=f"{row['global_loss']:.4f}")
+        else:
+            rec.skip(stats)
+        if ckpt and (r % e.checkpoint_every == 0 or r == a.rounds):
+            tensors = {"theta": theta, "rng.data": generator_tensor(data_gen), "rng.sample": generator_tensor(sample_gen)}
+            tensors.update({f"strategy.{k}": v for k, v in strategy_state(strategy).items()})
+            ckpt.save(r, tensors, {"rows": rec.rows, "total_bytes": rec.total_bytes, "wall_time_s": wall, "label": label})
+    bar.close()
+    return rec.rows, rec.summary(theta)
+
+
+# ---- deployment: `flwr run flower_app <connection>` ----------------------------------------------
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run a distdpo config (run config ``config``, ``out``, ``set``, ``resume``) into a run directory."""
+    from distdpo.config import load
+    from distdpo.engines.flower import use_grid
+    from distdpo.experiment import run_experiment
+
+    rc = context.run_config
+    if not rc.get("config"):
+        raise ConfigError("run config 'config' (path of a distdpo TOML config) is required: flwr run ... --run-config 'config=\"/abs/path.toml\"'")
+    overrides = [s for s in str(rc.get("set", "")).split(";") if s.strip()] + ["engine.name=\"flower\""]
+    cfg = load(str(rc["config"]), overrides)
+    out = str(rc.get("out") or Path("runs") / f"{Path(str(rc['config'])).stem}-flower-{time.strftime('%Y%m%d-%H%M%S')}")
+    with use_grid(grid):
+        run_dir = run_experiment(cfg, out, resume=bool(rc.get("resume", False)), progress=False)
+    print(f"distdpo: run directory {Path(run_dir).resolve()}")
