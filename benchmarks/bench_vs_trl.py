@@ -166,7 +166,8 @@ def main() -> None:
                 res = json.loads(line[-1][7:])
                 results[name].append(res)
                 print(f"  repeat {r + 1}: {name:8s} {res['tokens'] / res['seconds']:8.0f} real tokens/s, "
-                      f"{res['step_median_s']:.3f} s/step (median), peak RSS {res['peak_rss_gib']:.2f} GiB")
+                      f"{res['tokens'] / args.steps:6.0f} tokens/step, {res['seconds'] / args.steps:.3f} s/step (mean), "
+                      f"{res['step_median_s']:.3f} (median), peak RSS {res['peak_rss_gib']:.2f} GiB")
 
     def med(name, key):
         vals = sorted(r[key] for r in results[name])

@@ -8,12 +8,21 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from distdpo.cli import main
 from distdpo.config import ConfigError
 from distdpo.experiment import Cache, run_one
 from distdpo.reproduce import DATASETS, dataset_base, fit_loglog, verdict
 from tests.conftest import make_config
+
+@pytest.fixture(autouse=True)
+def _one_thread(_threads):
+    """Small sequential runs: one intra-op thread (what ``reproduce`` uses; extra threads stall on a shared machine)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(2)
+
 
 SMALL = {"num_clients": 8, "pairs_per_client": 60, "eval_pairs_per_client": 20, "dim": 6, "num_actions": 4}
 

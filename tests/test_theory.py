@@ -33,8 +33,9 @@ def test_smoothness_bound_dominates_power_iteration_which_matches_eigvalsh(polic
         exact = float(theory.hessian_eigenvalues(task, w, theta)[-1])
         H = torch.autograd.functional.hessian(lambda t: task.objective(t, w), theta)
         assert exact == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-10)
-        power = theory.hessian_top_eigenvalue(task, w, theta, iters=2000, tol=1e-13)
-        assert power == pytest.approx(exact, rel=1e-4)
+        power = theory.hessian_top_eigenvalue(task, w, theta, iters=300, tol=1e-12)
+        assert power <= exact * (1 + 1e-9)  # a Rayleigh quotient never exceeds λ_max
+        assert power == pytest.approx(exact, rel=2e-3)
         assert L >= exact * (1 - 1e-12)
     if policy.get("loss_type") == "ipo":  # quadratic loss: the bound is the Hessian itself
         assert L == pytest.approx(exact, rel=1e-10)

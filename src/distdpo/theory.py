@@ -108,9 +108,25 @@ def _hvp_fn(task, weights: torch.Tensor, theta: torch.Tensor):
     return hvp, theta.numel()
 
 
+class _single_thread:
+    """Many tiny sequential ops: intra-op threads only add synchronization (and stall on a shared machine)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
 def hessian_top_eigenvalue(task, weights: torch.Tensor, theta: torch.Tensor, iters: int = 200,
                            tol: float = 1e-10, seed: int = 0) -> float:
     """λ_max(∇²f(θ)) by power iteration on autograd Hessian-vector products (f convex: λ_max = ‖H‖)."""
+    with _single_thread():
+        return _power_iteration(task, weights, theta, iters, tol, seed)
+
+
+def _power_iteration(task, weights, theta, iters, tol, seed) -> float:
     hvp, p = _hvp_fn(task, weights, theta)
     v = torch.randn(p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     v /= v.norm()
