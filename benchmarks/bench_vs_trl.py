@@ -155,7 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         prepare(args, workdir)
-        passthrough = [a for a in sys.argv[1:] if not a.startswith("--repeats")]
+        passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("repeats", "worker", "workdir")]
         for r in range(args.repeats):
             for name in ("trl", "distdpo"):
                 cmd = [sys.executable, __file__, *passthrough, "--worker", name, "--workdir", str(workdir)]

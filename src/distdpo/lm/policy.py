@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,7 +62,10 @@ class CausalLMPolicy:
             config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=target_modules or None, task_type="CAUSAL_LM",
                                 fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores Conv1D weights transposed
-            self.model = get_peft_model(model, config)
+            with warnings.catch_warnings():  # transformers' deprecation noise from inside peft, not ours to fix
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                warnings.filterwarnings("ignore", message="fan_in_fan_out")
+                self.model = get_peft_model(model, config)
             self.model.eval()
             self.reference_model = None
         else:
