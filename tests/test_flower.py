@@ -82,7 +82,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     two = from_dict({k: v for k, v in cfg.to_dict().items() if k != "sweep"}, [("algorithm.rounds", 2)])
     run_one(_flower(two, checkpoint_every=1, checkpoint_dir=ckpt), "run", Cache(), progress=False)
     meta = json.loads((tmp_path / "ckpt" / "run" / "checkpoint.json").read_text())
-    assert meta["round"] == 2 and len(list((tmp_path / "ckpt" / "run").glob("state-r*.safetensors"))) == 1
+    assert meta["round"] == 2 and len(list((tmp_path / "ckpt" / "run").glob("r*-rank0.safetensors"))) == 1
     resumed, _ = run_one(_flower(cfg, checkpoint_every=1, checkpoint_dir=ckpt), "run", Cache(), progress=False)
     _assert_same(full, resumed, rel=1e-6)
 

@@ -19,9 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from distdpo import build
 from distdpo.algorithms.federated import sample_clients
+from distdpo.checkpoint import RunCheckpoint
 from distdpo.config import Config, ConfigError
 from distdpo.engines.flower import common as C
-from distdpo.engines.flower.checkpoint import Checkpointer, generator_tensor, restore_generator
 from distdpo.engines.flower.strategies import Scaffold, SampledGrid, load_strategy_state, make_strategy, strategy_state
 
 
@@ -73,23 +73,16 @@ def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) 
     if isinstance(strategy, Scaffold):
         strategy.node_partition = {node: pid for pid, node in node_of.items()}
     bs = build.batch_size(cfg)
-    theta = task.initial_params().to(dtype)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the simulator's minibatch generator
     sample_gen = torch.Generator().manual_seed(cfg.seed + 2)  # and its client-sampling generator
     rec = Recorder(cfg, label, task, weights, None, cache.optimum(cfg, task, weights))
-    ckpt = Checkpointer(Path(e.checkpoint_dir) / label, text) if e.checkpoint_every else None
-    first, wall = 1, 0.0
-    saved = ckpt.load() if ckpt else None
-    if saved:
-        done, tensors, meta = saved
-        theta = tensors["theta"].to(dtype)
-        restore_generator(data_gen, tensors["rng.data"])
-        restore_generator(sample_gen, tensors["rng.sample"])
-        load_strategy_state(strategy, {k[len("strategy."):]: v for k, v in tensors.items() if k.startswith("strategy.")})
-        rec.rows, rec.total_bytes, wall, first = meta["rows"], int(meta["total_bytes"]), float(meta["wall_time_s"]), done + 1
-    else:
-        rec.record(0, theta, {}, 0.0)
-    per_round = (3 if a.name == "scaffold" else 2) * S * task.num_params * theta.element_size()  # θ down+up (+ c − c_i)
+    state = ServerState(task.initial_params().to(dtype), data_gen, sample_gen, strategy)
+    ckpt = RunCheckpoint(cfg, label)  # the simulator's checkpoints: continues from engine.checkpoint_dir/<label>
+    done, wall, _ = ckpt.restore(state, rec)
+    if done == 0:
+        rec.record(0, state.theta, {}, 0.0)
+    first = done + 1
+    per_round = (3 if a.name == "scaffold" else 2) * S * task.num_params * state.theta.element_size()  # θ down+up (+ c − c_i)
     show = progress and e.progress
     bar = tqdm(range(first, a.rounds + 1), desc=label, leave=False, disable=None if show else True, unit="round")
     for r in bar:
@@ -100,28 +93,43 @@ def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) 
             config["proximal-mu"] = a.mu  # FedProx's key; set here too when a server optimizer replaces FedProx
         for _ in range(a.local_steps):  # advance past the batches the clients draw from that state
             task.sample_batch(data_gen, bs)
-        messages = list(strategy.configure_train(r, C.to_record(theta=theta), config,
+        messages = list(strategy.configure_train(r, C.to_record(theta=state.theta), config,
                                                  SampledGrid(grid, [node_of[int(i)] for i in sampled])))
         replies = list(grid.send_and_receive(messages, timeout=e.flower_timeout))
         _raise_errors(replies, len(messages), f"round {r}")
         arrays, _ = strategy.aggregate_train(r, replies)
         if arrays is None:
             raise RuntimeError(f"round {r}: the strategy returned no model")
-        theta = C.from_record(arrays, C.THETA, dtype, task.device)
+        state.theta = C.from_record(arrays, C.THETA, dtype, task.device)
         drift = sum(float(m.content["metrics"][C.DRIFT]) for m in replies) / len(replies)
         stats = {"client_drift": drift, "bytes": per_round}
         wall += time.perf_counter() - t0
         if r % e.eval_every == 0 or r == a.rounds:
-            row = rec.record(r, theta, stats, wall)
+            row = rec.record(r, state.theta, stats, wall)
             bar.set_postfix(loss=f"{row['global_loss']:.4f}")
         else:
             rec.skip(stats)
-        if ckpt and (r % e.checkpoint_every == 0 or r == a.rounds):
-            tensors = {"theta": theta, "rng.data": generator_tensor(data_gen), "rng.sample": generator_tensor(sample_gen)}
-            tensors.update({f"strategy.{k}": v for k, v in strategy_state(strategy).items()})
-            ckpt.save(r, tensors, {"rows": rec.rows, "total_bytes": rec.total_bytes, "wall_time_s": wall, "label": label})
+        if ckpt.due(r):
+            ckpt.save(r, state, rec, wall)
     bar.close()
-    return rec.rows, rec.summary(theta)
+    return rec.rows, rec.summary(state.theta)
+
+
+class ServerState:
+    """What a Flower server carries between rounds, as one state dict for :class:`RunCheckpoint`."""
+
+    def __init__(self, theta: torch.Tensor, data_gen: torch.Generator, sample_gen: torch.Generator, strategy):
+        self.theta, self.data_gen, self.sample_gen, self.strategy = theta, data_gen, sample_gen, strategy
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"theta": self.theta, "rng.data": self.data_gen.get_state(), "rng.sample": self.sample_gen.get_state(),
+                **{f"strategy.{k}": v for k, v in strategy_state(self.strategy).items()}}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.theta = tensors["theta"].to(self.theta.dtype)
+        self.data_gen.set_state(tensors["rng.data"].to(torch.uint8).contiguous())
+        self.sample_gen.set_state(tensors["rng.sample"].to(torch.uint8).contiguous())
+        load_strategy_state(self.strategy, {k[len("strategy."):]: v for k, v in tensors.items() if k.startswith("strategy.")})
 
 
 # ---- deployment: `flwr run flower_app <connection>` ----------------------------------------------
