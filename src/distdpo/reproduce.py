@@ -1043,8 +1043,9 @@ def reproduce(dataset: str = "synthetic", *, seeds: int = 3, quick: bool = False
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
-    # The runs are small: one thread is as fast, and intra-op threads stall badly when the cores are shared.
-    torch.set_num_threads(1)
+    if dataset == "synthetic":
+        # The runs are small: one thread is as fast, and intra-op threads stall badly when the cores are shared.
+        torch.set_num_threads(1)
     try:
         suite = Suite(dataset, seeds=seeds, quick=quick, progress=progress)
         out = Path(out) if out else Path("runs") / f"reproduce-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
