@@ -990,6 +990,9 @@ class Suite:
                 getattr(self, f"analyse_{exp}")()
             except Exception as e:  # one failed analysis must not lose the runs; the report says what failed
                 self.sections.append(Section(f"{exp}: analysis failed", [f"{type(e).__name__}: {e}"]))
+        if self.scale.full != "full":  # LMs: the "exact gradient" runs use a minibatch; say so in every regime
+            for c in self.claims:
+                c.regime = c.regime.replace("full batch", f"minibatch B={self.scale.full} in place of full batch")
 
     # ---- output
 
