@@ -9,6 +9,16 @@ def _threads():
     torch.set_num_threads(2)
 
 
+# The small synthetic problem the CLI, checkpoint and torchdist tests share (6 clients, d = 4).
+TINY_DATA = """[data]
+num_clients = 6
+pairs_per_client = 40
+eval_pairs_per_client = 20
+dim = 4
+num_actions = 3
+"""
+
+
 def make_config(**sections):
     """A small config; ``sections`` maps section → dict of overrides (``seed`` may be given too)."""
     table = {

@@ -119,9 +119,20 @@ def test_client_sampling_is_seeded_without_replacement():
 
 def test_partial_participation_only_uses_sampled_clients():
     cfg = make_config(algorithm={"name": "fedavg", "clients_per_round": 3, "rounds": 1})
-    _, _, algo = setup(cfg)
-    stats = algo.run_round(0)
-    assert stats["bytes"] == 2 * 3 * algo.theta.numel() * 4
+    sampled = sample_clients(torch.Generator().manual_seed(cfg.seed + 2), 8, 3).tolist()  # Federated's sampling stream
+    others = [i for i in range(8) if i not in sampled]
+
+    def one_round(corrupt):
+        task, _, algo = setup(cfg)
+        pairs = task.pairs_flat.view(8, -1, *task.pairs_flat.shape[1:])
+        pairs[corrupt] *= -3.0  # change what these clients' data say
+        stats = algo.run_round(0)
+        return algo.global_params(), stats
+
+    base, stats = one_round([])
+    assert stats["bytes"] == 2 * 3 * base.numel() * 4
+    assert torch.equal(one_round(others)[0], base)  # unsampled clients' data play no part
+    assert not torch.allclose(one_round(sampled[:1])[0], base)  # a sampled client's data do
 
 
 @pytest.mark.parametrize("name", ["fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])

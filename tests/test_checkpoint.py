@@ -18,16 +18,11 @@ from distdpo.config import ConfigError, load
 from distdpo.engines.simulation import SimulatedCommunicator
 from distdpo.experiment import run_experiment
 from distdpo.metrics import Recorder
+from tests.conftest import TINY_DATA
 
-SWEEP = """
+SWEEP = f"""
 seed = 2
-[data]
-num_clients = 6
-pairs_per_client = 40
-eval_pairs_per_client = 20
-dim = 4
-num_actions = 3
-[algorithm]
+{TINY_DATA}[algorithm]
 rounds = 9
 local_steps = 2
 lr = 0.3

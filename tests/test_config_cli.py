@@ -12,16 +12,11 @@ from distdpo.cli import main
 from distdpo.config import ConfigError, expand, from_dict, load, parse_override
 from distdpo.experiment import COLUMNS
 from distdpo.io import write_text_atomic
+from tests.conftest import TINY_DATA
 
-SMALL = """
+SMALL = f"""
 seed = 1
-[data]
-num_clients = 6
-pairs_per_client = 40
-eval_pairs_per_client = 20
-dim = 4
-num_actions = 3
-[algorithm]
+{TINY_DATA}[algorithm]
 rounds = 4
 local_steps = 2
 lr = 0.3

@@ -19,18 +19,13 @@ from distdpo.config import load
 from distdpo.engines.torchdist import block
 from distdpo.experiment import run_experiment
 from distdpo.cli import build_parser
+from tests.conftest import TINY_DATA
 
 # n = 6 nodes; every algorithm of the issue on a ring, an Erdős–Rényi graph and a time-varying graph.
 # S = 4 of 6 clients: with 3 ranks some rank often holds no sampled client.
-EQUIV = """
+EQUIV = f"""
 seed = 1
-[data]
-num_clients = 6
-pairs_per_client = 40
-eval_pairs_per_client = 20
-dim = 4
-num_actions = 3
-[algorithm]
+{TINY_DATA}[algorithm]
 rounds = 4
 local_steps = 2
 lr = 0.3
@@ -42,15 +37,9 @@ progress = false
 "topology.graph" = ["ring", "erdos_renyi", "one_peer_exponential"]
 """
 
-FAULT = """
+FAULT = f"""
 seed = 1
-[data]
-num_clients = 6
-pairs_per_client = 40
-eval_pairs_per_client = 20
-dim = 4
-num_actions = 3
-[algorithm]
+{TINY_DATA}[algorithm]
 name = "gradient_tracking"
 rounds = 12
 local_steps = 2

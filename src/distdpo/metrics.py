@@ -24,6 +24,11 @@ COLUMNS = [
 ]
 
 
+def evaluated(cfg: Config, round_index: int) -> bool:
+    """Whether round ``round_index`` gets a metric row: every ``engine.eval_every`` rounds, and the last."""
+    return round_index % cfg.engine.eval_every == 0 or round_index == cfg.algorithm.rounds
+
+
 class Recorder:
     """Turns (round, θ̄, algorithm stats) into metric rows and the run's summary entry."""
 
@@ -68,8 +73,12 @@ class Recorder:
             "num_params": self.task.num_params,
             "aggregation": build.aggregation(self.cfg),
         }
-        at = self.optimum.theta if self.optimum is not None else final_theta
-        out["heterogeneity"] = float(self.task.evaluate(at, self.weights)["heterogeneity"])
+        if self.optimum is not None:
+            at = self.optimum.theta
+            out["heterogeneity"] = float(self.task.evaluate(at, self.weights)["heterogeneity"])
+        else:  # the last row was evaluated at the final model already: no second (LM: costly) evaluation
+            at = final_theta
+            out["heterogeneity"] = float(final["heterogeneity"])
         out["grad_noise"] = self.task.grad_noise(at)
         out["measured_at"] = "theta_star" if self.optimum is not None else "final_model"
         bs = build.batch_size(self.cfg)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from distdpo.config import Config, ConfigError, from_dict
+from distdpo.config import ConfigError, from_dict
 from distdpo.experiment import Cache, run_one
 from distdpo.io import write_csv_atomic, write_json_atomic
 from distdpo.metrics import COLUMNS
@@ -625,7 +625,6 @@ class Suite:
         first = next(iter(groups.values()))[0]
         note = self._config_note(first)
         x, y = self._points("B1", None, xfn=lambda s: s.x - 1, yfn=lambda s: self._tail(s, upto=R))
-        x_all = np.array([s.x for s in self._of("B1")])
         y_long = np.array([self._tail(s) for s in self._of("B1")])
         zero = {s.seed: self._zero(s) for s in self._of("B1")}
         fit = fit_loglog(x, y, 2.0)

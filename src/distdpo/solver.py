@@ -58,6 +58,7 @@ def solve_centralized(task, weights: torch.Tensor, *, tol: float = 1e-11, max_it
     if not converged:
         warnings.warn(
             f"centralized solver stopped at ‖∇f‖ = {grad.norm():.3g} after {it} Newton steps; "
-            "the data may be separable (no finite minimizer), so optimality gaps are approximate"
+            "the data may be separable (no finite minimizer), so optimality gaps are approximate",
+            stacklevel=2,
         )
     return Solution(theta, float(value), float(grad.norm()), it, converged)

@@ -47,7 +47,7 @@ def run(cfg, label: str, cache, *, progress: bool = True):
 
     from distdpo import build, faults
     from distdpo.checkpoint import RunCheckpoint
-    from distdpo.metrics import Recorder
+    from distdpo.metrics import Recorder, evaluated
 
     task = cache.task(cfg)
     weights = build.client_weights(cfg, task.client_sizes)
@@ -70,7 +70,7 @@ def run(cfg, label: str, cache, *, progress: bool = True):
         if comm.device.type == "cuda":
             torch.cuda.synchronize()
         wall += time.perf_counter() - t0
-        if r % cfg.engine.eval_every == 0 or r == rounds:
+        if evaluated(cfg, r):
             row = rec.record(r, algo.global_params(), stats, wall)
             bar.set_postfix(loss=f"{row['global_loss']:.4f}")
         else:

@@ -286,7 +286,7 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
     from tqdm.auto import tqdm
 
     from distdpo.checkpoint import RunCheckpoint
-    from distdpo.metrics import Recorder
+    from distdpo.metrics import Recorder, evaluated
 
     init(cfg)
     ctl = _CONTROL
@@ -324,7 +324,7 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
                 torch.cuda.synchronize()
             wall += time.perf_counter() - t0
             pending += torch.tensor([comm.comm_time_s, float(comm.bytes_sent)], dtype=torch.float64)
-            if r % cfg.engine.eval_every == 0 or r == rounds:
+            if evaluated(cfg, r):
                 theta = algo.global_params()
                 per_rank = ctl.gather(pending)
                 pending = torch.zeros(2, dtype=torch.float64)

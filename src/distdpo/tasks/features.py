@@ -40,15 +40,14 @@ class FeatureTask:
             rows = torch.arange(data.num_clients)[:, None]
             phi_w = data.features[rows, torch.arange(data.features.shape[1]), data.chosen]
             phi_l = data.features[rows, torch.arange(data.features.shape[1]), data.rejected]
-            sizes = data.sizes
-            weight = torch.ones(phi_w.shape[:2], dtype=torch.float64)
+            pairs, sizes = policy.pair_inputs(phi_w, phi_l), data.sizes  # [n, N, ...]: what log_odds needs per pair
+            weight = torch.ones(pairs.shape[:2], dtype=torch.float64)
         else:
-            phi_w, phi_l, sizes, weight = _train
+            pairs, sizes, weight = _train
         self.client_sizes = sizes
         self.num_clients = len(sizes)
-        mask = torch.arange(phi_w.shape[1])[None, :] < sizes[:, None]
-        self._phi_w64, self._phi_l64 = phi_w, phi_l
-        self._pairs64 = policy.pair_inputs(phi_w, phi_l)  # [n, N, ...]
+        mask = torch.arange(pairs.shape[1])[None, :] < sizes[:, None]
+        self._pairs64 = pairs
         self._weight64 = weight * mask  # padding has weight 0
         ref_rows = self.reference.expand(self.num_clients, -1)
         self._ref_log_odds64 = policy.log_odds(ref_rows, self._pairs64)
@@ -97,10 +96,7 @@ class FeatureTask:
         mask = self._weight64 > 0
         total = int(self.client_sizes.sum())
         pair_w = (weights.to(torch.float64) * total / self.client_sizes.to(torch.float64))[:, None].expand_as(mask)
-        train = (
-            self._phi_w64[mask][None], self._phi_l64[mask][None],
-            torch.tensor([total]), pair_w[mask][None],
-        )
+        train = (self._pairs64[mask][None], torch.tensor([total]), pair_w[mask][None])
         return FeatureTask(
             self.data, self.policy, self.reference, beta=self.beta, loss_type=self.loss_type,
             label_smoothing=self.label_smoothing, dtype=self.dtype, device=self.device, _train=train,

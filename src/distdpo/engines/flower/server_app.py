@@ -60,7 +60,7 @@ def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) 
     """Run one configuration over ``grid``; returns (metric rows, summary entry) like the simulator."""
     from tqdm.auto import tqdm
 
-    from distdpo.metrics import Recorder
+    from distdpo.metrics import Recorder, evaluated
 
     a, e = cfg.algorithm, cfg.engine
     task = cache.task(cfg)
@@ -104,7 +104,7 @@ def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) 
         drift = sum(float(m.content["metrics"][C.DRIFT]) for m in replies) / len(replies)
         stats = {"client_drift": drift, "bytes": per_round}
         wall += time.perf_counter() - t0
-        if r % e.eval_every == 0 or r == a.rounds:
+        if evaluated(cfg, r):
             row = rec.record(r, state.theta, stats, wall)
             bar.set_postfix(loss=f"{row['global_loss']:.4f}")
         else:
