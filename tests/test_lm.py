@@ -172,3 +172,34 @@ progress = false
         assert col in header
     # 2 rounds × 6 directed messages (a ring of 3) × 2 vectors (GT: parameters and tracker) × p float32
     assert run["final"]["bytes_communicated"] == 2 * 6 * 2 * run["num_params"] * 4
+
+
+def test_full_gradient_and_its_curvature_match_differences_of_the_loss(lm):
+    """∇f and the finite-difference power iteration's eigenvalue, each against central differences of f alone."""
+    from distdpo import theory
+
+    task = make_task(lm)
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    theta = task.initial_params().double() + 0.1 * torch.randn(task.num_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    f = lambda t: task.evaluate(t.float(), w)["global_loss"]  # noqa: E731
+    g = task.full_gradient(theta.float(), w)
+    u = g / g.norm()
+    eps = 1e-2
+    assert (f(theta + eps * u) - f(theta - eps * u)) / (2 * eps) == pytest.approx(float(g.norm()), rel=2e-2)
+    lam = theory.hessian_top_eigenvalue_fd(lambda t: task.full_gradient(t.float(), w), theta, iters=30, tol=1e-4)
+    v = torch.randn(task.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for _ in range(30):  # the same eigenvector, then its curvature from three losses
+        hv = (task.full_gradient((theta + 1e-2 * v).float(), w) - task.full_gradient((theta - 1e-2 * v).float(), w)) / 2e-2
+        v = hv / hv.norm()
+    h = 0.05
+    curvature = (f(theta + h * v) - 2 * f(theta) + f(theta - h * v)) / h**2
+    assert abs(lam) > 0 and curvature == pytest.approx(lam, rel=5e-2)
+
+
+def test_adapter_initialisation_is_seeded(lm):
+    """Same seed, same adapter in any process state; another seed, another adapter (peft draws from the global RNG)."""
+    tok, model, pairs = lm
+    make = lambda seed: CausalLMPolicy(build_model("builtin:gpt2-tiny", len(tok), seed=0), tok, lora_r=4, seed=seed).get_flat()  # noqa: E731
+    first = make(1)
+    torch.rand(7)  # move the global RNG
+    assert torch.equal(make(1), first) and not torch.equal(make(2), first)

@@ -135,3 +135,24 @@ def test_quick_claims_point_the_predicted_way(quick_run):
     assert fits["B5_clients_full"]["slope"] < 0  # more clients, lower noise floor
     claims = {c["claim"]: c for c in json.loads((quick_run / "summary.json").read_text())["claims"]}
     assert claims["gradient tracking beats DSGD at high ζ²"]["verdict"] == "holds"
+
+
+def test_resume_reruns_only_the_missing_runs_and_gives_the_same_fits(quick_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "resumed"
+    shutil.copytree(quick_run, out)
+    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]) == 2  # refuses to overwrite
+    assert "--resume" in capsys.readouterr().err
+    records = sorted((out / "runs").glob("*.json"))
+    assert len(records) == len(json.loads((quick_run / "summary.json").read_text())["runs"])
+    for f in records[::2]:  # as if the process died before these finished
+        f.unlink()
+    (out / "summary.json").unlink()
+    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress", "--resume"]) == 0
+    assert len(list((out / "runs").glob("*.json"))) == len(records)
+    before = json.loads((quick_run / "summary.json").read_text())
+    after = json.loads((out / "summary.json").read_text())
+    assert after["fits"] == before["fits"] and after["claims"] == before["claims"]
+    assert after["reused_runs"] == len(records) - len(records[::2])
+    assert "reused" in (out / "report.md").read_text()

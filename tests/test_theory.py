@@ -111,3 +111,19 @@ def test_instance_summary():
     assert inst["L_bound"] >= inst["L_eig_at_theta_star"] >= inst["mu_at_theta_star"] > 0
     assert inst["L_power_at_theta_star"] == pytest.approx(inst["L_eig_at_theta_star"], rel=1e-3)
     assert inst["heterogeneity_at_theta_star"] > 0 and inst["grad_noise"] > 0
+
+
+@pytest.mark.parametrize("policy", [{"beta": 1.0}, {"kind": "mlp", "hidden_size": 3}])
+def test_finite_difference_power_iteration_matches_eigvalsh(policy):
+    task, w = _task(**policy)
+
+    def grad(theta):
+        t = theta.clone().requires_grad_(True)
+        return torch.autograd.grad(task.objective(t, w), t)[0]
+
+    g = torch.Generator().manual_seed(4)
+    for theta in (task.initial_params().to(torch.float64), torch.randn(task.num_params, generator=g, dtype=torch.float64)):
+        eig = theory.hessian_eigenvalues(task, w, theta)
+        largest = float(eig[eig.abs().argmax()])  # power iteration finds the eigenvalue largest in modulus
+        fd = theory.hessian_top_eigenvalue_fd(grad, theta, iters=500, tol=1e-12, eps=1e-4)
+        assert fd == pytest.approx(largest, rel=5e-3)

@@ -153,7 +153,7 @@ def build_text_task(cfg: Config):
     model, tokenizer = load_model_and_tokenizer(p.model, training_texts=texts, vocab_size=p.tokenizer_vocab_size, seed=cfg.seed)
     pairs = tokenize_pairs(tokenizer, data.prompt, data.chosen, data.rejected, p.max_length)
     policy = CausalLMPolicy(model, tokenizer, lora_r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-                            target_modules=p.lora_target_modules or None, device=device(cfg))
+                            target_modules=p.lora_target_modules or None, device=device(cfg), seed=cfg.seed)
     task = TextTask(policy, pairs, train, held_out, names, beta=p.beta, loss_type=p.loss_type,
                     label_smoothing=p.label_smoothing, loss_pairs_per_client=d.loss_pairs_per_client)
     task.data_stats = {**data.stats, **pairs.stats}

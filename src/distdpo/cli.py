@@ -37,7 +37,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from distdpo.reproduce import format_claims, reproduce
 
-    out = reproduce(args.dataset, seeds=args.seeds, quick=args.quick, out=args.out, progress=not args.no_progress,
+    out = reproduce(args.dataset, seeds=args.seeds, quick=args.quick, out=args.out, progress=not args.no_progress, resume=args.resume,
                     command="distdpo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "")
     summary = json.loads((out / "summary.json").read_text())
     print(format_claims(summary))
@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("reproduce", help="run the paper's experiments and write a report holding its claims against the data")
     rep.add_argument("--dataset", default="synthetic", help="synthetic (default), hh-rlhf or pandalm")
-    rep.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    rep.add_argument("--seeds", type=int, default=None,
+                     help="seeds per configuration (default 3 for synthetic, 2 for the language-model datasets)")
     rep.add_argument("--out", help="output directory (default: runs/reproduce-<dataset>-<time>)")
     rep.add_argument("--quick", action="store_true", help="a small version of every experiment (well under a minute)")
+    rep.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, reusing its finished runs")
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     rep.set_defaults(func=_cmd_reproduce)
     return parser

@@ -10,6 +10,8 @@ client weighting p (``build.client_weights``):
   cDPO and robust losses, 2 for IPO; the hinge loss is not smooth (None).
 * :func:`hessian_top_eigenvalue` — power iteration on Hessian-vector products
   of ``task.objective`` (autograd); the local L at θ.
+  :func:`hessian_top_eigenvalue_fd` — the same power iteration on
+  finite-difference products of any gradient function (language models).
 * :func:`heterogeneity` — ζ²(θ) = (1/n) Σ_i ‖∇f_i(θ) − ∇f(θ)‖².
 * :func:`grad_noise` — σ², the variance of a one-pair stochastic gradient.
 * :func:`spectral_gap` — 1 − λ, λ = max(|λ_2(W)|, |λ_n(W)|).
@@ -60,7 +62,7 @@ import torch
 from distdpo.policies import LogLinearPolicy
 
 __all__ = [
-    "smoothness_bound", "hessian_top_eigenvalue", "hessian_eigenvalues", "heterogeneity", "grad_noise",
+    "smoothness_bound", "hessian_top_eigenvalue", "hessian_top_eigenvalue_fd", "hessian_eigenvalues", "heterogeneity", "grad_noise",
     "spectral_gap", "fedavg_floor", "partial_participation_floor", "dsgd_consensus_bound",
     "dsgd_consensus_codebase", "dsgd_consensus_spectral", "rounds_to_eps", "staleness_floor", "instance",
 ]
@@ -123,11 +125,25 @@ def hessian_top_eigenvalue(task, weights: torch.Tensor, theta: torch.Tensor, ite
                            tol: float = 1e-10, seed: int = 0) -> float:
     """λ_max(∇²f(θ)) by power iteration on autograd Hessian-vector products (f convex: λ_max = ‖H‖)."""
     with _single_thread():
-        return _power_iteration(task, weights, theta, iters, tol, seed)
+        hvp, p = _hvp_fn(task, weights, theta)
+        return _power_iteration(hvp, p, iters, tol, seed)
 
 
-def _power_iteration(task, weights, theta, iters, tol, seed) -> float:
-    hvp, p = _hvp_fn(task, weights, theta)
+def hessian_top_eigenvalue_fd(grad_fn, theta: torch.Tensor, iters: int = 20, tol: float = 1e-3, eps: float = 1e-2,
+                              seed: int = 0) -> float:
+    """The eigenvalue of ∇²f(θ) largest in modulus, by power iteration on central finite differences
+    Hv ≈ (∇f(θ+εv) − ∇f(θ−εv)) / 2ε of a gradient function: for models (language models) whose loss is
+    not twice differentiable in one graph cheaply. For a non-convex f the result may be negative; |·| bounds L locally."""
+    theta = theta.detach().to(torch.float64).cpu()
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        plus, minus = grad_fn(theta + eps * v), grad_fn(theta - eps * v)
+        return (plus.to(torch.float64).cpu() - minus.to(torch.float64).cpu()) / (2 * eps)
+
+    return _power_iteration(hvp, theta.numel(), iters, tol, seed)
+
+
+def _power_iteration(hvp, p: int, iters: int, tol: float, seed: int) -> float:
     v = torch.randn(p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     v /= v.norm()
     lam = 0.0

@@ -48,7 +48,7 @@ class CausalLMPolicy:
     """The model, its reference, and the flat view of its trainable parameters."""
 
     def __init__(self, model, tokenizer, *, lora_r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-                 target_modules: list[str] | None = None, device: torch.device | str = "cpu"):
+                 target_modules: list[str] | None = None, device: torch.device | str = "cpu", seed: int = 0):
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
@@ -62,9 +62,12 @@ class CausalLMPolicy:
             config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=target_modules or None, task_type="CAUSAL_LM",
                                 fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores Conv1D weights transposed
-            with warnings.catch_warnings():  # transformers' deprecation noise from inside peft, not ours to fix
-                warnings.filterwarnings("ignore", category=FutureWarning)
+            # peft draws the adapter's A matrices from the global RNG: seed it here, or every process (and every
+            # torchrun rank) would start from a different adapter.
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+                warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' noise from inside peft
                 warnings.filterwarnings("ignore", message="fan_in_fan_out")
+                torch.manual_seed(seed)
                 self.model = get_peft_model(model, config)
             self.model.eval()
             self.reference_model = None

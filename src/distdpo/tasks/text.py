@@ -160,16 +160,24 @@ class TextTask:
         scale = torch.gather(self.weight, 1, index) * valid
         return Batch(index, scale / scale.sum(1, keepdim=True))
 
-    def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
-        """Global/per-client DPO loss and gradient on a fixed training subsample; held-out accuracies."""
+    def _client_losses_and_grads(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every client's loss and gradient at θ on the fixed loss pairs (float64, CPU; not counted as training)."""
         self._counting = False
         try:
             X = theta.to(torch.float32).expand(self.num_clients, -1)
             losses, grads = self.loss_and_grad(X, torch.arange(self.num_clients), self._loss_batch())
         finally:
             self._counting = True
+        return losses.double(), grads.double().cpu()
+
+    def full_gradient(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """∇f(θ) = Σ_i p_i ∇f_i(θ) on the fixed loss pairs, the gradient that :meth:`evaluate` reports."""
+        return weights.to(torch.float64) @ self._client_losses_and_grads(theta)[1]
+
+    def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+        """Global/per-client DPO loss and gradient on a fixed training subsample; held-out accuracies."""
+        losses, grads = self._client_losses_and_grads(theta)
         w = weights.to(torch.float64)
-        losses, grads = losses.double(), grads.double().cpu()
         full = w @ grads
         out = {
             "global_loss": float(w @ losses),
