@@ -144,6 +144,10 @@ def test_resume_reruns_only_the_missing_runs_and_gives_the_same_fits(quick_run, 
     shutil.copytree(quick_run, out)
     assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]) == 2  # refuses to overwrite
     assert "--resume" in capsys.readouterr().err
+    (out / "runs" / "zz-notes.json").write_text('{"label": "x"}')  # a foreign file is refused by name, not trusted
+    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress", "--resume"]) == 2
+    assert "zz-notes.json is not a run record" in capsys.readouterr().err
+    (out / "runs" / "zz-notes.json").unlink()
     records = sorted((out / "runs").glob("*.json"))
     assert len(records) == len(json.loads((quick_run / "summary.json").read_text())["runs"])
     for f in records[::2]:  # as if the process died before these finished

@@ -1,4 +1,3 @@
 """distdpo: Direct Preference Optimization over many heterogeneous users, federated and decentralized."""
 
 __version__ = "0.1.0"
-

@@ -148,7 +148,7 @@ def _lm_scale(quick: bool) -> Scale:
 
 # LM step sizes, calibrated with FedAvg (E = 2, B = 4, 16 rounds): the largest tried whose loss falls without spikes.
 # HH: at 0.5 the loss only reaches 0.689, at 2 it reaches 0.684, at 5 it overshoots to 0.72, at 20 it diverges.
-# PandaLM (gradients ~10× larger): at 0.5 the loss falls smoothly to 0.668, at 1 it spikes to 0.74, at 2 to 0.91.
+# PandaLM (‖∇f‖² ~10× larger at the start): at 0.5 the loss falls smoothly to 0.668, at 1 it spikes to 0.74, at 2 to 0.91.
 HH_LR, PANDALM_LR = 2.0, 0.5
 
 _LM_DATASET = dict(needs="the language-model workload (data.source = a preference file, policy.kind = 'causal_lm', policy.model)",
@@ -225,6 +225,26 @@ def _canonical(table: dict) -> str:
     return json.dumps(table, sort_keys=True)
 
 
+_RUN_RECORD_KEYS = {"label", "table", "rows", "summary", "seconds"}
+
+
+def finished_runs(out: Path, resume: bool) -> dict[str, dict]:
+    """The run records an earlier call left in out/runs/, by label; a directory with results needs ``resume``."""
+    files = sorted((out / "runs").glob("*.json"))
+    if (files or (out / "summary.json").exists()) and not resume:
+        raise ConfigError(f"{out} already holds results; pass --resume to continue it or choose another --out")
+    done = {}
+    for f in files:
+        try:
+            rec = json.loads(f.read_text())
+        except json.JSONDecodeError as e:  # writes are atomic, so this is a foreign or edited file
+            raise ConfigError(f"cannot resume {out}: {f.name} is not JSON ({e})") from None
+        if not isinstance(rec, dict) or not _RUN_RECORD_KEYS <= rec.keys():
+            raise ConfigError(f"cannot resume {out}: {f.name} is not a run record (needs {', '.join(sorted(_RUN_RECORD_KEYS))})")
+        done[rec["label"]] = rec
+    return done
+
+
 def _merge(base: dict, **sections) -> dict:
     t = copy.deepcopy(base)
     for name, values in sections.items():
@@ -289,8 +309,8 @@ def build_specs(ds: Dataset, quick: bool, seeds: int) -> tuple[list[Spec], Scale
                                                               topology={"graph": g}, engine=eng()))
             add("B3", f"noise/{g}", math.nan, _merge(base, data=ds.homogeneous_data, algorithm=alg(name="dsgd", local_steps=1, batch_size=B),
                                                       topology={"graph": g}, engine=eng()))
-            if base["algorithm"].get("optimizer", "sgd") != "sgd" or not sc.gt_rounds:
-                continue  # gradient tracking's correction assumes SGD steps; gt_rounds = 0: no rounds-to-ε measurement
+            if not sc.gt_rounds:
+                continue  # no rounds-to-ε measurement, the tracking runs' only use
             add("B3", f"tracking/{g}", math.nan, _merge(base, algorithm={"name": "gradient_tracking", "rounds": sc.gt_rounds,
                                                                          "local_steps": 1, "batch_size": sc.full},
                                                          topology={"graph": g}, engine=eng(max(1, ev // 2))))
@@ -417,11 +437,12 @@ class Suite:
 
     # ---- running
 
-    def run(self, out: Path | None = None, *, resume: bool = False) -> None:
-        """Train every spec; with ``out``, each finished run is kept in out/runs/ so that ``resume`` skips it."""
+    def run(self, out: Path | None = None, done: dict[str, dict] | None = None) -> None:
+        """Train every spec not in ``done`` (see :func:`finished_runs`); with ``out``, each finished run is kept in
+        out/runs/ as it completes."""
         from tqdm.auto import tqdm
 
-        done = self._finished_runs(out, resume) if out is not None else {}
+        done = done or {}
         bar = tqdm(self.specs, desc=f"reproduce {self.dataset}", unit="run", disable=None if self.progress else True)
         for i, spec in enumerate(bar):
             bar.set_postfix_str(spec.label[:40])
@@ -444,21 +465,6 @@ class Suite:
                 write_text_atomic(out / "runs" / f"{i:04d}.json", json.dumps(
                     {"label": spec.label, "table": spec.table, "rows": rows, "summary": summary, "seconds": spec.seconds}))
         bar.close()
-
-    @staticmethod
-    def _finished_runs(out: Path, resume: bool) -> dict[str, dict]:
-        files = sorted((out / "runs").glob("*.json"))
-        if (files or (out / "summary.json").exists()) and not resume:
-            raise ConfigError(f"{out} already holds results; pass --resume to continue it or choose another --out")
-        done = {}
-        for f in files:
-            try:
-                rec = json.loads(f.read_text())
-                rec.setdefault("seconds", math.nan)
-                done[rec["label"]] = rec
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:  # writes are atomic, so this is a foreign or edited file
-                raise ConfigError(f"cannot resume {out}: {f.name} is not a run record ({e})") from None
-        return done
 
     # ---- helpers
 
@@ -625,7 +631,8 @@ class Suite:
             self.theory = {"num_clients": task.num_clients, "num_params": task.num_params,
                            "heterogeneity_at_reference": theory.heterogeneity(task, w, ref)}
             if hasattr(task, "full_gradient"):
-                self.theory["L_fd_at_reference"] = abs(theory.hessian_top_eigenvalue_fd(lambda t: task.full_gradient(t, w), ref))
+                lam, _ = theory.hessian_top_eigenpair_fd(lambda t: task.full_gradient(t, w), ref)
+                self.theory["L_fd_at_reference"] = abs(lam)
             if hasattr(task, "grad_noise"):
                 self.theory["grad_noise_at_reference"] = theory.grad_noise(task, ref)
         self.theory["config"] = self._config_note(spec)
@@ -636,7 +643,7 @@ class Suite:
             ("L_eig_at_theta_star", "λ_max(∇²f(θ★)) by eigvalsh of the full Hessian", "torch.autograd.functional.hessian"),
             ("L_power_at_reference", "λ_max(∇²f(θ_ref)) by power iteration", "theory.hessian_top_eigenvalue"),
             ("L_fd_at_reference", "|λ|_max(∇²f(θ_ref)) by power iteration on finite-difference HVPs (fixed loss pairs)",
-             "theory.hessian_top_eigenvalue_fd"),
+             "theory.hessian_top_eigenpair_fd"),
             ("mu_at_theta_star", "μ = λ_min(∇²f(θ★))", "eigvalsh"),
             ("heterogeneity_at_theta_star", "ζ² at θ★", "theory.heterogeneity"),
             ("heterogeneity_at_reference", "ζ² at θ_ref (start)", "theory.heterogeneity"),
@@ -1125,17 +1132,16 @@ class Suite:
                                "config": s.table} for s in self.specs if s.result_rows},
         }
         reused = [sp for sp in self.specs if sp.reused]
-        run_seconds = float(sum(sp.seconds for sp in self.specs if sp.result_rows))  # NaN: a record without its time
+        run_seconds = float(sum(sp.seconds for sp in self.specs if sp.result_rows))
         summary.update(run_seconds_total=run_seconds, reused_runs=len(reused))
         wall_text = f"{wall_time_s:.1f} s" + (
-            f" in this call, which reused {len(reused)} runs finished by an earlier one (--resume); " + (
-                f"every run's training and evaluation together took {run_seconds:.1f} s" if math.isfinite(run_seconds)
-                else "the earlier call's run times were not recorded") if reused else "")
+            f" in this call, which reused {len(reused)} runs finished by an earlier one (--resume); every run's training "
+            f"and evaluation together took {run_seconds:.1f} s" if reused else "")
         write_json_atomic(out / "summary.json", summary)
         holds = sum(c.verdict.startswith("holds") for c in self.claims)
         untestable = sum(c.verdict.startswith("not testable") for c in self.claims)
         counted = f"{holds} of {len(self.claims) - untestable} testable claims hold as stated" + (
-            f" ({untestable} need exact gradients, which this dataset's minibatch runs cannot give)" if untestable else "")
+            f" ({untestable} cannot be tested on this dataset; their rows say why)" if untestable else "")
         report = Report(
             f"distdpo reproduce — {self.dataset}",
             [("command", command), ("data", self.ds.description), ("seeds", str(self.seeds)),
@@ -1162,20 +1168,21 @@ def reproduce(dataset: str = "synthetic", *, seeds: int | None = None, quick: bo
     ``seeds`` defaults to the dataset's (3 for synthetic, 2 for the language-model datasets); ``resume`` reuses the
     runs an interrupted call finished in ``out``.
     """
-    if dataset in DATASETS and seeds is None:
-        seeds = DATASETS[dataset].default_seeds
-    seeds = 3 if seeds is None else seeds
+    ds = DATASETS.get(dataset)
+    if seeds is None:
+        seeds = ds.default_seeds if ds else 3  # an unknown dataset is refused by Suite, naming the known ones
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
-    if dataset == "synthetic":
+    if ds and ds.synthetic_model:
         # The runs are small: one thread is as fast, and intra-op threads stall badly when the cores are shared.
         torch.set_num_threads(1)
     try:
-        suite = Suite(dataset, seeds=seeds, quick=quick, progress=progress)
         out = Path(out) if out else Path("runs") / f"reproduce-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        suite.run(out, resume=resume)
+        done = finished_runs(out, resume)  # before Suite: an LM suite builds its first task (seconds) on creation
+        suite = Suite(dataset, seeds=seeds, quick=quick, progress=progress)
+        suite.run(out, done)
         suite.analyse()
         return suite.write(out, time.perf_counter() - t0,
                            command or f"distdpo reproduce --dataset {dataset} --seeds {seeds}{' --quick' if quick else ''}")

@@ -10,7 +10,7 @@ client weighting p (``build.client_weights``):
   cDPO and robust losses, 2 for IPO; the hinge loss is not smooth (None).
 * :func:`hessian_top_eigenvalue` — power iteration on Hessian-vector products
   of ``task.objective`` (autograd); the local L at θ.
-  :func:`hessian_top_eigenvalue_fd` — the same power iteration on
+  :func:`hessian_top_eigenpair_fd` — the same power iteration on
   finite-difference products of any gradient function (language models).
 * :func:`heterogeneity` — ζ²(θ) = (1/n) Σ_i ‖∇f_i(θ) − ∇f(θ)‖².
 * :func:`grad_noise` — σ², the variance of a one-pair stochastic gradient.
@@ -62,7 +62,7 @@ import torch
 from distdpo.policies import LogLinearPolicy
 
 __all__ = [
-    "smoothness_bound", "hessian_top_eigenvalue", "hessian_top_eigenvalue_fd", "hessian_eigenvalues", "heterogeneity", "grad_noise",
+    "smoothness_bound", "hessian_top_eigenvalue", "hessian_top_eigenpair_fd", "hessian_eigenvalues", "heterogeneity", "grad_noise",
     "spectral_gap", "fedavg_floor", "partial_participation_floor", "dsgd_consensus_bound",
     "dsgd_consensus_codebase", "dsgd_consensus_spectral", "rounds_to_eps", "staleness_floor", "instance",
 ]
@@ -126,14 +126,14 @@ def hessian_top_eigenvalue(task, weights: torch.Tensor, theta: torch.Tensor, ite
     """λ_max(∇²f(θ)) by power iteration on autograd Hessian-vector products (f convex: λ_max = ‖H‖)."""
     with _single_thread():
         hvp, p = _hvp_fn(task, weights, theta)
-        return _power_iteration(hvp, p, iters, tol, seed)
+        return _power_iteration(hvp, p, iters, tol, seed)[0]
 
 
-def hessian_top_eigenvalue_fd(grad_fn, theta: torch.Tensor, iters: int = 20, tol: float = 1e-3, eps: float = 1e-2,
-                              seed: int = 0) -> float:
-    """The eigenvalue of ∇²f(θ) largest in modulus, by power iteration on central finite differences
-    Hv ≈ (∇f(θ+εv) − ∇f(θ−εv)) / 2ε of a gradient function: for models (language models) whose loss is
-    not twice differentiable in one graph cheaply. For a non-convex f the result may be negative; |·| bounds L locally."""
+def hessian_top_eigenpair_fd(grad_fn, theta: torch.Tensor, iters: int = 20, tol: float = 1e-3, eps: float = 1e-2,
+                             seed: int = 0) -> tuple[float, torch.Tensor]:
+    """The eigenvalue of ∇²f(θ) largest in modulus and its unit eigenvector, by power iteration on central finite
+    differences Hv ≈ (∇f(θ+εv) − ∇f(θ−εv)) / 2ε of a gradient function: for models (language models) whose loss is
+    not twice differentiable in one graph cheaply. For a non-convex f the value may be negative; |·| bounds L locally."""
     theta = theta.detach().to(torch.float64).cpu()
 
     def hvp(v: torch.Tensor) -> torch.Tensor:
@@ -143,22 +143,22 @@ def hessian_top_eigenvalue_fd(grad_fn, theta: torch.Tensor, iters: int = 20, tol
     return _power_iteration(hvp, theta.numel(), iters, tol, seed)
 
 
-def _power_iteration(hvp, p: int, iters: int, tol: float, seed: int) -> float:
+def _power_iteration(hvp, p: int, iters: int, tol: float, seed: int) -> tuple[float, torch.Tensor]:
+    """(Rayleigh quotient, the unit vector it was taken at) after convergence or ``iters`` products."""
     v = torch.randn(p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     v /= v.norm()
-    lam = 0.0
+    lam, at = 0.0, v
     for _ in range(iters):
         hv = hvp(v)
         new = float(v @ hv)  # Rayleigh quotient
         norm = hv.norm()
         if norm == 0:
-            return 0.0
-        v = hv / norm
-        if abs(new - lam) <= tol * max(abs(new), 1e-300):
-            lam = new
+            return 0.0, v
+        converged = abs(new - lam) <= tol * max(abs(new), 1e-300)
+        lam, at, v = new, v, hv / norm
+        if converged:
             break
-        lam = new
-    return lam
+    return lam, at
 
 
 def hessian_eigenvalues(task, weights: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
