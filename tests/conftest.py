@@ -1,32 +1,19 @@
+"""Fixtures every test module gets; shared builders and paths live in helpers.py."""
+
+import os
+
 import pytest
 import torch
 
-from distdpo.config import from_dict
+
+def _env_threads() -> int:
+    """OMP_NUM_THREADS when set (the suite must pass with 1 thread and with many), else 2."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "2").split(",")[0]))
+    except ValueError:
+        return 2
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
-
-
-# The small synthetic problem the CLI, checkpoint and torchdist tests share (6 clients, d = 4).
-TINY_DATA = """[data]
-num_clients = 6
-pairs_per_client = 40
-eval_pairs_per_client = 20
-dim = 4
-num_actions = 3
-"""
-
-
-def make_config(**sections):
-    """A small config; ``sections`` maps section → dict of overrides (``seed`` may be given too)."""
-    table = {
-        "seed": sections.pop("seed", 0),
-        "data": {"num_clients": 8, "pairs_per_client": 60, "eval_pairs_per_client": 50, "dim": 6, "num_actions": 4},
-        "algorithm": {"rounds": 5, "local_steps": 3, "lr": 0.3, "batch_size": 16},
-        "engine": {"progress": False},
-    }
-    for name, values in sections.items():
-        table.setdefault(name, {}).update(values)
-    return from_dict(table)
+    torch.set_num_threads(_env_threads())

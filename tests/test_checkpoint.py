@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_config
+from helpers import make_config
 from distdpo import build
 from distdpo.checkpoint import RunCheckpoint
 from distdpo.cli import main
@@ -18,7 +18,7 @@ from distdpo.config import ConfigError, load
 from distdpo.engines.simulation import SimulatedCommunicator
 from distdpo.experiment import run_experiment
 from distdpo.metrics import Recorder
-from tests.conftest import TINY_DATA
+from helpers import TINY_DATA
 
 SWEEP = f"""
 seed = 2

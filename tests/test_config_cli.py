@@ -12,7 +12,7 @@ from distdpo.cli import main
 from distdpo.config import ConfigError, expand, from_dict, load, parse_override
 from distdpo.experiment import COLUMNS
 from distdpo.io import write_text_atomic
-from tests.conftest import TINY_DATA
+from helpers import TINY_DATA
 
 SMALL = f"""
 seed = 1
@@ -48,6 +48,9 @@ def write(tmp_path, text, name="cfg.toml"):
         ({"algorithm": {"name": "dsgd", "aggregation": "size"}}, "impossible for decentralized"),
         ({"sweep": {"algorithm.lr": [0.1, -1.0]}}, "algorithm.lr must be positive"),
         ({"sweep": {"algorithm.nope": [1]}}, "unknown config key 'algorithm.nope'"),
+        ({"policy": {"loss_type": "hinge", "label_smoothing": 0.1}}, "label_smoothing = 0.1 has no meaning"),
+        ({"policy": {"loss_type": "ipo", "label_smoothing": 0.1}}, "label_smoothing = 0.1 has no meaning"),
+        ({"algorithm": {"name": "gradient_tracking", "gossip": "cta"}}, "'cta' is for DSGD"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(table, message):

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="flwr is not installed (pip install -e '.[flower]')")
 
-from conftest import make_config  # noqa: E402
+from helpers import make_config  # noqa: E402
 
 from distdpo.experiment import Cache, run_one  # noqa: E402
 
@@ -190,3 +190,20 @@ def test_deployment_superlink_and_three_supernodes(tmp_path):
         assert final["global_loss"] == pytest.approx(sim_rows[-1]["global_loss"], rel=1e-5)
     finally:
         _stop(procs)
+
+
+def test_a_failed_or_silent_client_is_named_by_its_partition():
+    from types import SimpleNamespace
+
+    from distdpo.engines.flower.server_app import ClientFailure, _raise_errors
+
+    def reply(node, error=None):
+        return SimpleNamespace(has_error=lambda: error is not None, metadata=SimpleNamespace(src_node_id=node),
+                               error=SimpleNamespace(reason=error))
+
+    partition_of, names = {101: 0, 202: 1, 303: 2}, ["annotator1", "annotator2", "annotator3"]
+    with pytest.raises(ClientFailure, match=r"round 2: client 'annotator2' \(partition-id 1, node 202\) failed: actor died"):
+        _raise_errors([reply(101), reply(202, "actor died")], [101, 202], "round 2", partition_of, names)
+    with pytest.raises(ClientFailure, match=r"1 of 3 clients did not reply .*client 'annotator3' \(partition-id 2, node 303\)"):
+        _raise_errors([reply(101), reply(202)], [101, 202, 303], "round 5", partition_of, names)
+    _raise_errors([reply(101)], [101], "round 1", partition_of, names)  # every client answered: nothing raised

@@ -93,6 +93,43 @@ def test_dpo_loss_on_a_real_batch_equals_per_example_computation(lm):
         assert m["rewards/margins"].abs().sum() > 0  # the adapter moved the policy off the reference
 
 
+def _token_logps(model, prompt, completion) -> torch.Tensor:
+    """Each completion token's log-prob from one plain forward of prompt + completion (float64)."""
+    ids = torch.cat([prompt, completion])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    steps = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(completion))
+    return torch.log_softmax(logits[steps], -1).gather(1, completion[:, None]).squeeze(1)
+
+
+def test_ipo_on_sequences_uses_per_token_mean_log_probs(lm):
+    """TRL's IPO: the squared margin of length-normalised log-ratios, not of token-summed ones."""
+    tok, model, pairs = lm
+    policy = CausalLMPolicy(build_model("builtin:gpt2-tiny", len(tok), seed=0), tok, lora_r=4, lora_alpha=8)
+    train, held = [np.arange(0, 8), np.arange(8, 16)], [np.arange(16, 20), np.arange(20, 24)]
+    beta = 0.1
+    task = TextTask(policy, pairs, train, held, ["a", "b"], beta=beta, loss_type="ipo", loss_pairs_per_client=4)
+    theta = task.initial_params() + 0.05 * torch.randn(task.num_params, generator=torch.Generator().manual_seed(0))
+    batch = Batch(torch.tensor([[0, 3, 5], [1, 2, 7]]), torch.full((2, 3), 1 / 3, dtype=torch.float64))
+    loss, _ = task.loss_and_grad(theta.expand(2, -1), torch.tensor([0, 1]), batch)
+    task.policy.set_flat(theta)
+    for node, ids in ((0, [0, 3, 5]), (1, [9, 10, 15])):
+        per_pair = []
+        for i in ids:
+            mean = lambda m, c: _token_logps(m, pairs.prompt[i], c).mean()  # noqa: E731
+            h = (mean(task.policy.model, pairs.chosen[i]) - mean(model, pairs.chosen[i])) - (
+                mean(task.policy.model, pairs.rejected[i]) - mean(model, pairs.rejected[i]))
+            per_pair.append((h - 1 / (2 * beta)) ** 2)
+        assert loss[node].item() == pytest.approx(float(torch.stack(per_pair).mean()), rel=1e-4)
+    # the held-out implicit rewards use the same per-token log-ratios
+    m = task.held_out_metrics(theta)
+    rewards = []
+    for i in held[0].tolist() + held[1].tolist():
+        rewards.append(beta * (_token_logps(task.policy.model, pairs.prompt[i], pairs.chosen[i]).mean()
+                               - _token_logps(model, pairs.prompt[i], pairs.chosen[i]).mean()))
+    assert m["rewards/chosen"] == pytest.approx(float(torch.stack(rewards).mean()), rel=1e-3, abs=1e-6)
+
+
 def test_loss_at_initialization_is_ln2_and_lora_changes_only_the_adapter(lm):
     task = make_task(lm)
     w = torch.tensor([0.5, 0.5], dtype=torch.float64)
@@ -165,7 +202,10 @@ progress = false
     summary = json.loads((out / "summary.json").read_text())
     run = summary["runs"]["run"]
     assert run["num_clients"] == 3 and run["f_star"] is None
-    assert run["data_stats"]["dropped_ties"] > 0 and "truncated_prompts" in run["data_stats"]
+    stats = run["data_stats"]
+    assert stats["dropped_ties"] > 0 and "truncated_prompts" in stats
+    # the loader's count keeps its name; tokenization's has its own
+    assert stats["pairs"] > stats["tokenized_pairs"] == 60 and "exact_duplicates" in stats  # data.max_pairs = 60
     assert "human preference data" in summary["data"]
     header = (out / "metrics.csv").read_text().splitlines()[0]
     for col in ("pref_accuracy_worst", "tokens_per_second", "client_loss/annotator1", "bytes_communicated"):

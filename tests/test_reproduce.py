@@ -14,7 +14,7 @@ from distdpo.cli import main
 from distdpo.config import ConfigError
 from distdpo.experiment import Cache, run_one
 from distdpo.reproduce import DATASETS, dataset_base, fit_loglog, verdict
-from tests.conftest import make_config
+from helpers import make_config
 
 @pytest.fixture(autouse=True)
 def _one_thread(_threads):
@@ -160,3 +160,23 @@ def test_resume_reruns_only_the_missing_runs_and_gives_the_same_fits(quick_run, 
     assert after["fits"] == before["fits"] and after["claims"] == before["claims"]
     assert after["reused_runs"] == len(records) - len(records[::2])
     assert "reused" in (out / "report.md").read_text()
+
+
+def test_a_failed_analysis_is_reported_and_the_exit_code_says_so(quick_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from distdpo.reproduce import Suite
+
+    out = tmp_path / "failing"
+    shutil.copytree(quick_run, out)
+
+    def broken(self):
+        raise KeyError("a series the analysis looks for")
+
+    monkeypatch.setattr(Suite, "analyse_B4", broken)
+    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "analysis B4" in err and "a series the analysis looks for" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert "B4" in summary["failed_analyses"]
+    assert "B4: analysis failed" in (out / "report.md").read_text()  # the report is still written, and says so

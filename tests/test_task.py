@@ -11,7 +11,7 @@ from distdpo import build
 from distdpo.data.synthetic import make_synthetic
 from distdpo.policies import LogLinearPolicy, MLPPolicy
 from distdpo.solver import solve_centralized
-from tests.conftest import make_config
+from helpers import make_config
 
 
 def test_synthetic_ground_truth():

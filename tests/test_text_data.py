@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import HH, HHH, PANDALM, need
 
 from distdpo.data.partition import PARTITIONS, partition, train_eval_split
 from distdpo.data.text import (
@@ -19,24 +19,6 @@ from distdpo.data.text import (
     load_preferences,
     render_chat_fallback,
 )
-
-
-def _shared_data() -> Path:
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if default.is_dir() or "DISTDPO_SHARED_DATA" not in os.environ:
-        return default
-    return Path(os.environ["DISTDPO_SHARED_DATA"])
-
-
-SHARED = _shared_data()
-HH = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-PANDALM = SHARED / "pandalm" / "testset-v1.json"
-HHH = SHARED / "hhh-alignment" / "hhh.jsonl"
-
-
-def _need(path: Path) -> None:
-    if not path.is_file():
-        pytest.skip(f"shared data file {path} not found (set DISTDPO_SHARED_DATA to the shared/data folder)")
 
 
 def write_jsonl(path: Path, records: list, gz: bool = False) -> Path:
@@ -55,13 +37,13 @@ def write_jsonl(path: Path, records: list, gz: bool = False) -> Path:
 
 @pytest.fixture(scope="module")
 def hh() -> TextPreferenceData:
-    _need(HH)
+    need(HH)
     return load_preferences(HH)
 
 
 @pytest.fixture(scope="module")
 def pandalm_votes() -> TextPreferenceData:
-    _need(PANDALM)
+    need(PANDALM)
     return load_preferences(PANDALM)
 
 
@@ -119,7 +101,7 @@ def test_pandalm_chosen_is_voted_response(pandalm_votes):
 
 
 def test_pandalm_majority():
-    _need(PANDALM)
+    need(PANDALM)
     d = load_preferences(PANDALM, pandalm_mode="majority")
     s = d.stats
     assert len(d) <= 999
@@ -130,7 +112,7 @@ def test_pandalm_majority():
 
 
 def test_hhh():
-    _need(HHH)
+    need(HHH)
     d = load_preferences(HHH)
     assert len(d) == 221
     assert sorted(set(d.column("category"))) == ["harmless", "helpful", "honest", "other"]

@@ -280,7 +280,8 @@ def test_bad_arguments(args, kwargs, match):
         ("0 1\n1 2\n1 x\n", r"bad\.edges:3: expected two integer node labels 'u v', got '1 x'"),
         ("0 1\n\n1 2 3\n", r"bad\.edges:3: .*got '1 2 3'"),
         ("0 1\n1 1\n", r"bad\.edges:2: self-loop"),
-        ("0 1\n1 3\n3 5\n", r"missing 2 label\(s\): 2, 4"),
+        ("0 1\n1 3\n3 5\n", r"2 label\(s\) are missing: 2, 4"),
+        ("0 1\n1 99999999999999\n", r"99999999999997 label\(s\) are missing: 2, 3, 4"),
         ("# nothing\n", r"no edges"),
     ],
 )

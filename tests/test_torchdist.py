@@ -19,7 +19,7 @@ from distdpo.config import load
 from distdpo.engines.torchdist import block
 from distdpo.experiment import run_experiment
 from distdpo.cli import build_parser
-from tests.conftest import TINY_DATA
+from helpers import TINY_DATA
 
 # n = 6 nodes; every algorithm of the issue on a ring, an Erdős–Rényi graph and a time-varying graph.
 # S = 4 of 6 clients: with 3 ranks some rank often holds no sampled client.

@@ -96,6 +96,34 @@ def batch_size(cfg: Config) -> int | None:
     return None if cfg.algorithm.batch_size == "full" else int(cfg.algorithm.batch_size)
 
 
+def warnings_for(cfg: Config, task) -> list[str]:
+    """What a run silently does that its user may not expect: settings it ignores, data it cannot use as asked."""
+    from distdpo.config import TopologyConfig
+
+    out = []
+    a = cfg.algorithm
+    if a.name not in DECENTRALIZED and cfg.topology != TopologyConfig():
+        out.append(f"topology.* keys are set, but algorithm.name = {a.name!r} has no communication graph: they are ignored")
+    bs = batch_size(cfg)
+    names = getattr(task, "client_names", None) or [f"client{i}" for i in range(task.num_clients)]
+    small = [name for name, size in zip(names, task.client_sizes.tolist()) if bs is not None and bs > size]
+    if small:
+        out.append(f"algorithm.batch_size = {bs} exceeds the training pairs of {len(small)} client(s) "
+                   f"({', '.join(map(str, small[:5]))}{', ...' if len(small) > 5 else ''}): they sample with replacement")
+    stats = getattr(task, "data_stats", {}) or {}
+    total = stats.get("tokenized_pairs", 0)
+    for what in ("prompts", "completions"):
+        if total and stats.get(f"truncated_{what}") == total:
+            out.append(f"every pair's {what[:-1]} was truncated to fit policy.max_length = {cfg.policy.max_length}")
+    held = getattr(task, "eval", None)
+    if held is not None and cfg.data.eval_fraction > 0:
+        none = [name for name, e in zip(names, held) if len(e) == 0]
+        if none:
+            out.append(f"{len(none)} client(s) have no held-out pairs ({', '.join(map(str, none[:5]))}): "
+                       "pref_accuracy leaves them out")
+    return out
+
+
 def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights: torch.Tensor):
     a = cfg.algorithm
     dtype = torch_dtype(cfg)
@@ -118,34 +146,14 @@ def build_text_task(cfg: Config):
     """Load text pairs, split them across clients, tokenize, and wrap a causal LM policy around them."""
     import numpy as np
 
-    from distdpo.data.partition import partition, train_eval_split
-    from distdpo.data.text import DataFormatError, load_preferences
+    from distdpo.data.split import split_text_data
     from distdpo.lm.logprobs import tokenize_pairs
     from distdpo.lm.policy import CausalLMPolicy, load_model_and_tokenizer
     from distdpo.tasks.text import TextTask
 
-    d, p = cfg.data, cfg.policy
-    try:
-        data = load_preferences(d.source, d.format, on_error=d.on_error, split=d.split or None, pandalm_mode=d.pandalm_mode)
-    except (DataFormatError, FileNotFoundError) as e:
-        raise ConfigError(f"data.source: {e}") from None
-    if d.max_pairs and d.max_pairs < len(data):
-        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(data), d.max_pairs, replace=False))
-        data = data.select(keep)
-    labels = None
-    if d.label_column:
-        try:
-            labels = data.column(d.label_column)
-        except KeyError as e:
-            raise ConfigError(f"data.label_column: {e.args[0]}") from None
-    try:
-        clients, names = partition(
-            len(data), None if d.partition == "natural" else d.num_clients, d.partition, labels=labels,
-            alpha=d.dirichlet_alpha, quantity_alpha=d.quantity_alpha, seed=cfg.seed, min_size=2,
-        )
-        train, held_out = train_eval_split(clients, d.eval_fraction, seed=cfg.seed)
-    except ValueError as e:
-        raise ConfigError(f"data.partition: {e}") from None
+    p = cfg.policy
+    split = split_text_data(cfg)
+    data, train, held_out = split.data, split.train, split.eval
     if cfg.algorithm.clients_per_round > len(train):
         raise ConfigError(f"algorithm.clients_per_round = {cfg.algorithm.clients_per_round} exceeds the {len(train)} clients of this split")
     train_ids = np.concatenate(train)
@@ -154,9 +162,10 @@ def build_text_task(cfg: Config):
     pairs = tokenize_pairs(tokenizer, data.prompt, data.chosen, data.rejected, p.max_length)
     policy = CausalLMPolicy(model, tokenizer, lora_r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
                             target_modules=p.lora_target_modules or None, device=device(cfg), seed=cfg.seed)
-    task = TextTask(policy, pairs, train, held_out, names, beta=p.beta, loss_type=p.loss_type,
-                    label_smoothing=p.label_smoothing, loss_pairs_per_client=d.loss_pairs_per_client)
-    task.data_stats = {**data.stats, **pairs.stats}
+    task = TextTask(policy, pairs, train, held_out, split.names, beta=p.beta, loss_type=p.loss_type,
+                    label_smoothing=p.label_smoothing, loss_pairs_per_client=cfg.data.loss_pairs_per_client)
+    # The loader's counts keep their names ("pairs" = pairs loaded); tokenization's are prefixed.
+    task.data_stats = {**split.stats, **{f"tokenized_{k}" if k == "pairs" else k: v for k, v in pairs.stats.items()}}
     if p.precompute_reference:
         task.data_stats["reference_logps"] = task.precompute_reference()
     return task

@@ -26,7 +26,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from distdpo.config import Config, ConfigError
-from distdpo.io import write_bytes_atomic, write_json_atomic
+from distdpo.fingerprint import mismatch
+from distdpo.io import file_name, write_bytes_atomic, write_json_atomic
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
 FREE_KEYS = (("algorithm", "rounds"), ("engine", "progress"), ("engine", "checkpoint_every"), ("engine", "timeout_s"))
@@ -74,10 +75,11 @@ def _nan(v):
 class RunCheckpoint:
     """Saves one run's state every N rounds and restores the latest one (a no-op when checkpoints are off)."""
 
-    def __init__(self, cfg: Config, label: str, sync: Sync | None = None):
+    def __init__(self, cfg: Config, label: str, sync: Sync | None = None, fingerprint: dict | None = None):
         self.every = cfg.engine.checkpoint_every
+        self.fingerprint = fingerprint  # the task's (data, model): a checkpoint of other data is never resumed
         self.sync = sync or LocalSync()
-        self.dir = Path(cfg.engine.checkpoint_dir) / label.replace("/", "_") if self.every else None
+        self.dir = Path(cfg.engine.checkpoint_dir) / file_name(label) if self.every else None
         self.config = _comparable(cfg)
         self.rounds = cfg.algorithm.rounds
 
@@ -96,7 +98,7 @@ class RunCheckpoint:
         s.barrier()  # every rank's tensors are on disk before the JSON points at them
         if s.rank == 0:
             write_json_atomic(self.dir / "checkpoint.json", {
-                "round": round_index, "world_size": s.world_size, "config": self.config,
+                "round": round_index, "world_size": s.world_size, "config": self.config, "fingerprint": self.fingerprint,
                 "wall_time_s": wall_time_s, "total_bytes": rec.total_bytes, "rows": rec.rows,
             })
         s.barrier()
@@ -132,9 +134,21 @@ class RunCheckpoint:
         path = self.dir / "checkpoint.json"
         if not path.exists():
             return None
-        meta = json.loads(path.read_text())
+        try:
+            meta = json.loads(path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            for key, kind in (("round", int), ("world_size", int), ("config", dict), ("rows", list),
+                              ("total_bytes", int), ("wall_time_s", (int, float))):
+                if not isinstance(meta.get(key), kind):
+                    raise ValueError(f"its {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+        except ValueError as e:
+            return f"checkpoint {path} is damaged ({e}); remove its folder or use another engine.checkpoint_dir"
         if meta["config"] != self.config:
             return f"checkpoint {path} was written by a different config; use another engine.checkpoint_dir or remove it"
+        changed = mismatch(meta.get("fingerprint"), self.fingerprint, f"checkpoint {path}") if self.fingerprint else None
+        if changed:
+            return f"{changed}; refusing to resume from it (use another engine.checkpoint_dir or remove it)"
         if meta["world_size"] != self.sync.world_size:
             return (f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.sync.world_size}; "
                     "resume with the same number of processes")

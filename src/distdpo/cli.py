@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
     print(format_summary(summary))
     print(f"\nrun directory: {run_dir}  (config.toml, metrics.csv, summary.json, *.png)")
+    bad = {label: s for label, s in summary["runs"].items() if s.get("status", "ok") != "ok"}
+    if bad:
+        print(f"error: {len(bad)} of {len(summary['runs'])} run(s) did not finish well:", file=sys.stderr)
+        for label, s in bad.items():
+            print(f"  {label}: {s['status']}: {s.get('reason') or s.get('error', '')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from distdpo.config import ConfigError, load
+    from distdpo.data.split import split_text_data, write_split
+
+    cfg = load(args.config, args.set or [])
+    if cfg.data.source == "synthetic":
+        raise ConfigError("distdpo split writes text preference data per client; this config's data.source is 'synthetic'")
+    split = split_text_data(cfg)
+    out = write_split(split, cfg, args.out)
+    width = max(len(n) for n in split.names)
+    for name, train, held in zip(split.names, split.train, split.eval):
+        print(f"{name:<{width}}  train {len(train):>6}  eval {len(held):>5}")
+    s = split.stats
+    print(f"\n{s['pairs']} pairs loaded, {s['pairs_sharing_prompt']} share a prompt with another pair, "
+          f"{s['exact_duplicates']} exact duplicates ({s['duplicates_dropped_within_client']} dropped within a client); "
+          "held-out pairs are grouped by prompt across all clients")
+    print(f"split directory: {out}  (<client>/train.jsonl, <client>/eval.jsonl, manifest.json)")
     return 0
 
 
@@ -42,6 +69,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     summary = json.loads((out / "summary.json").read_text())
     print(format_claims(summary))
     print(f"\nreport: {out / 'report.html'}  (report.md, figures/, metrics.csv, summary.json)  in {summary['wall_time_s']:.1f} s")
+    failures = [f"run {label}: {err}" for label, err in summary.get("failed_runs", {}).items()]
+    failures += [f"analysis {exp}: {err}" for exp, err in summary.get("failed_analyses", {}).items()]
+    if failures:
+        print(f"error: {len(failures)} part(s) of the suite failed (listed in the report):", file=sys.stderr)
+        for line in failures:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -61,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     from distdpo.launch import add_parser as add_launch_parser
 
     add_launch_parser(sub)
+
+    split = sub.add_parser("split", help="write each client's training and held-out pairs of a config as its own files")
+    split.add_argument("config", help="path to a TOML config with text preference data")
+    split.add_argument("--out", required=True, help="a new directory: <client>/train.jsonl, <client>/eval.jsonl, manifest.json")
+    split.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    split.set_defaults(func=_cmd_split)
 
     graph = sub.add_parser("graph", help="describe a communication graph: edges, λ2, spectral gap")
     graph.add_argument("graph", help="graph name (ring, torus, …) or an edge-list file with one 'u v' pair a line")
@@ -85,17 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from distdpo.config import ConfigError
-
+    from distdpo.data.text import DataFormatError
     from distdpo.faults import RankFailure
-    from distdpo.launch import is_rank0, leave_job
+    from distdpo.launch import is_rank0, leave_job, watch_launcher
+
+    watch_launcher()  # a torchrun worker: end with the launcher, never train on as an orphan
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("run", "graph", "reproduce", "launch") and Path(argv[0]).is_file():
+    if argv and argv[0] not in ("run", "split", "graph", "reproduce", "launch") and Path(argv[0]).is_file():
         argv.insert(0, "run")  # `python -m distdpo CONFIG …` (what torchrun starts) means `distdpo run CONFIG …`
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataFormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RankFailure as e:
@@ -106,5 +151,32 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank0() and code == 130:
             print("interrupted; finished runs are saved (continue with --resume)", file=sys.stderr)
         return code
+    except OSError as e:
+        if e.filename is None:
+            return _internal_error(e)
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)  # a path the user gave or chose
+        return 2
+    except Exception as e:  # a bug, not the user's mistake: one line here, the traceback in a log file
+        return _internal_error(e)
     finally:
         leave_job()
+
+
+def _internal_error(e: BaseException) -> int:
+    import tempfile
+    import traceback
+
+    from distdpo.lm.policy import cache_dir
+
+    text = "".join(traceback.format_exception(e))
+    for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"distdpo-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            path.write_text(text)
+            break
+        except OSError:
+            path = None
+    where = f"; the traceback is in {path}" if path else ""
+    print(f"error: internal error, {type(e).__name__}: {e}{where} (please report it)", file=sys.stderr)
+    return 3

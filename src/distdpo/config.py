@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,8 @@ NONNEGATIVE = {
     "engine.checkpoint_every", "engine.dp_clip", "engine.dp_noise", "engine.flower_cpus",
 }
 
+BELOW_ONE = {"data.eval_fraction", "policy.lora_dropout", "algorithm.server_momentum", "algorithm.server_beta2"}
+
 
 def _suggest(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
@@ -194,6 +197,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"{key} must be a string, got {value!r}")
     elif kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -204,6 +209,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{key} must be positive, got {value!r}")
     if key in NONNEGATIVE and not value >= 0:
         raise ConfigError(f"{key} must be non-negative, got {value!r}")
+    if key in BELOW_ONE and not value < 1:
+        raise ConfigError(f"{key} must be below 1, got {value!r}")
     return value
 
 
@@ -320,6 +327,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.staleness applies to federated algorithms, not {a.name!r}")
     if d.label_noise >= 0.5:
         raise ConfigError(f"data.label_noise must be below 0.5, got {d.label_noise}")
+    if cfg.policy.label_smoothing and cfg.policy.loss_type in ("hinge", "ipo"):
+        raise ConfigError(
+            f"policy.label_smoothing = {cfg.policy.label_smoothing} has no meaning for policy.loss_type = "
+            f"{cfg.policy.loss_type!r}; it applies to 'sigmoid' (cDPO) and 'robust' (set it to 0 or change the loss)"
+        )
+    if a.name == "gradient_tracking" and a.gossip != "atc":
+        raise ConfigError(
+            "algorithm.gossip = 'cta' is for DSGD; gradient tracking mixes its parameters and its tracker in one "
+            "adapt-then-combine step (leave algorithm.gossip = 'atc')"
+        )
     if cfg.policy.label_smoothing >= 0.5:
         raise ConfigError(f"policy.label_smoothing must be below 0.5, got {cfg.policy.label_smoothing}")
     if d.num_actions < 2:
@@ -330,6 +347,9 @@ def validate(cfg: Config) -> None:
             f"policy.kind = {cfg.policy.kind!r} does not fit data.source = {d.source!r}: text preference data needs "
             "policy.kind = 'causal_lm', and the synthetic model needs 'loglinear' or 'mlp'"
         )
+    if text and cfg.policy.max_length < 8:
+        raise ConfigError(f"policy.max_length = {cfg.policy.max_length} cannot hold a prompt token and a completion: "
+                          "use at least 8 (tokens of prompt + completion)")
     if not d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be below 1, got {d.eval_fraction}")
     if d.partition in ("dirichlet", "natural") and text and not d.label_column:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,14 @@ from typing import Any
 import tomli_w
 import torch
 
-from distdpo import build
+from distdpo import build, rundir
 from distdpo.config import Config, ConfigError, expand
+from distdpo.fingerprint import mismatch
 from distdpo.io import write_csv_atomic, write_json_atomic, write_text_atomic
-from distdpo.metrics import COLUMNS
+from distdpo.metrics import COLUMNS, RunDiverged
 from distdpo.solver import solve_centralized
+
+log = logging.getLogger("distdpo")
 
 ENGINE_NOTES = {
     "simulation": "all clients simulated in one process",
@@ -45,12 +49,20 @@ class Cache:
     def __init__(self):
         self.tasks: dict[tuple, Any] = {}
         self.optima: dict[tuple, Any] = {}
+        self.fingerprints: dict[tuple, dict] = {}
 
     def task(self, cfg: Config):
         key = build.task_key(cfg)
         if key not in self.tasks:
             self.tasks[key] = build.build_task(cfg)
         return self.tasks[key]
+
+    def fingerprint(self, cfg: Config) -> dict:
+        """The (data, model) fingerprint of ``cfg``'s task (see :mod:`distdpo.fingerprint`)."""
+        key = build.task_key(cfg)
+        if key not in self.fingerprints:
+            self.fingerprints[key] = self.task(cfg).fingerprint()
+        return self.fingerprints[key]
 
     def optimum(self, cfg: Config, task, weights: torch.Tensor):
         key = (build.task_key(cfg), tuple(weights.tolist()))
@@ -63,7 +75,14 @@ def run_one(cfg: Config, label: str, cache: Cache | None = None, *, progress: bo
     """Train one configuration with its engine; returns its metric rows and its summary entry."""
     from distdpo.engines import runner
 
-    return runner(cfg.engine.name)(cfg, label, cache or Cache(), progress=progress)
+    cache = cache or Cache()
+    try:
+        rows, summary = runner(cfg.engine.name)(cfg, label, cache, progress=progress)
+    except RunDiverged as e:  # stopped and recorded, not raised: the sweep goes on, the exit code says so
+        rows, summary = e.rows, e.summary
+    if summary:  # (torchdist ranks other than 0 return none)
+        summary["fingerprint"] = cache.fingerprint(cfg)  # a resume checks that the data and model are still these
+    return rows, summary
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -103,25 +122,47 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
     writer = not distributed or torchdist.rank() == 0
 
     def previous() -> tuple[dict[str, Any], list[dict]]:
+        rundir.claim(out, "run")  # refuses a file, anyone else's files, and a second writer
         rows: list[dict] = []
         summary: dict[str, Any] = {"data": describe_data(cfg), "engine": cfg.engine.name, "runs": {}}
         if (out / "summary.json").exists():
             if not resume:
                 raise ConfigError(f"run directory {out} already holds results; pass --resume to continue it or choose another --out")
-            if (out / "config.toml").read_text() != config_text:
-                raise ConfigError(f"cannot resume {out}: its config.toml differs from this config")
-            summary = json.loads((out / "summary.json").read_text())
-            rows = [r for r in _read_rows(out / "metrics.csv") if r["run"] in summary["runs"]]
+            summary, rows = _resumable(out, config_text)
         return summary, rows
 
     summary, rows = torchdist.on_rank0(previous) if distributed else previous()
+    cache = Cache()
+    for run_cfg in runs.values():  # every sweep point is checked before the first one trains
+        task = cache.task(run_cfg)
+        build.build_topology(run_cfg, task.num_clients)
+        if run_cfg.algorithm.clients_per_round > task.num_clients:
+            raise ConfigError(f"algorithm.clients_per_round = {run_cfg.algorithm.clients_per_round} exceeds the "
+                              f"{task.num_clients} clients of this data")
     if writer:
         write_text_atomic(out / "config.toml", config_text)
-    cache = Cache()
+    said: set[str] = set()
     for label, run_cfg in runs.items():
         if label in summary["runs"]:
+            changed = mismatch(summary["runs"][label].get("fingerprint"), cache.fingerprint(run_cfg), f"run {label!r} in {out}")
+            if changed:
+                raise ConfigError(f"cannot resume: {changed}; rerun into a new --out")
             continue
-        run_rows, run_summary = run_one(run_cfg, label, cache, progress=progress)
+        try:
+            run_rows, run_summary = run_one(run_cfg, label, cache, progress=progress)
+        except (RuntimeError, FloatingPointError) as e:  # this run broke (a library error, memory): record it, go on
+            if distributed:
+                raise  # the other ranks cannot know; torchdist reports failures itself
+            run_rows, run_summary = [], {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                                         "algorithm": run_cfg.algorithm.name, "engine": run_cfg.engine.name, "final": {}}
+        notes = build.warnings_for(run_cfg, cache.task(run_cfg))
+        if notes and run_summary:
+            run_summary["warnings"] = notes
+            summary["warnings"] = sorted(set(summary.get("warnings", [])) | set(notes))
+            for note in notes:
+                if note not in said and writer:
+                    said.add(note)
+                    log.warning(note)
         rows += run_rows
         summary["runs"][label] = run_summary
         if writer:
@@ -132,7 +173,36 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
         from distdpo.plots import plot_run_directory
 
         plot_run_directory(rows, out)
+        rundir.release(out)
     return out
+
+
+def _resumable(out: Path, config_text: str) -> tuple[dict[str, Any], list[dict]]:
+    """The summary and rows of a run directory to resume; a missing or damaged file is refused by name."""
+    def damaged(name: str, why: str) -> ConfigError:
+        return ConfigError(f"cannot resume {out}: {name} {why}; rerun into a new --out")
+
+    try:
+        if (out / "config.toml").read_text() != config_text:
+            raise ConfigError(f"cannot resume {out}: its config.toml differs from this config")
+    except FileNotFoundError:
+        raise damaged("config.toml", "is missing") from None
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except ValueError as e:
+        raise damaged("summary.json", f"is not valid JSON ({e})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), dict):
+        raise damaged("summary.json", "has no 'runs' table")
+    try:
+        rows = [r for r in _read_rows(out / "metrics.csv") if r["run"] in summary["runs"]]
+    except FileNotFoundError:
+        raise damaged("metrics.csv", "is missing") from None
+    except (KeyError, ValueError, csv.Error) as e:
+        raise damaged("metrics.csv", f"cannot be read as distdpo's metrics ({type(e).__name__}: {e})") from None
+    missing = [label for label in summary["runs"] if not any(r["run"] == label for r in rows)]
+    if missing:
+        raise damaged("metrics.csv", f"has no rows for the finished run(s) {', '.join(map(repr, missing))}")
+    return summary, rows
 
 
 def format_summary(summary: dict) -> str:
@@ -147,6 +217,7 @@ def format_summary(summary: dict) -> str:
         for key, _ in cols:
             v = s["final"].get(key)
             vals.append(f"{'-':>10}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>10.4g}")
-        lines.append(f"{label:<{width}}  " + "  ".join(vals))
+        status = s.get("status", "ok")
+        lines.append(f"{label:<{width}}  " + "  ".join(vals) + ("" if status == "ok" else f"  [{status}]"))
     return "\n".join(lines)
 

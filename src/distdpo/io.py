@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -12,19 +13,51 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+def umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; a result file gets the mode open() would give it (0666 less the umask)
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_name(label: str, limit: int = 100) -> str:
+    """A run label as one safe file name: '/' replaced, and a long label cut and made unique by a hash."""
+    name = label.replace("/", "_").replace("\0", "_")
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha256(label.encode()).hexdigest()[:16]
+    return name.encode()[: limit - 17].decode(errors="ignore") + "-" + digest
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -80,6 +80,32 @@ def command(args: argparse.Namespace) -> int:
 # ---- what `distdpo run` needs when it is one rank of a torchdist job
 
 
+def watch_launcher(poll_s: float = 0.5, grace_s: float = 5.0) -> None:
+    """A torchrun worker ends itself when its launcher dies (even by SIGKILL), instead of training on as an orphan.
+
+    The worker's parent is torchrun's agent (``distdpo launch`` runs it in-process); when the parent goes, the
+    worker is re-parented. A daemon thread notices within ``poll_s``, sends this process SIGTERM (a clean stop:
+    writes are atomic, checkpoints resume) and, if that has not ended it within ``grace_s``, exits hard.
+    """
+    import os
+    import signal
+    import threading
+    import time
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="distdpo-launcher-watch", daemon=True).start()
+
+
 def uses_torchdist(cfg) -> bool:
     from distdpo.config import expand
 

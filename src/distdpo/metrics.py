@@ -29,13 +29,26 @@ def evaluated(cfg: Config, round_index: int) -> bool:
     return round_index % cfg.engine.eval_every == 0 or round_index == cfg.algorithm.rounds
 
 
+# A run stops as diverged when its loss leaves this multiple of its starting value (or stops being finite).
+DIVERGENCE_FACTOR = 100.0
+
+
+class RunDiverged(Exception):
+    """Raised by :meth:`Recorder.record`: the run's finite rows so far and its summary (``status`` diverged)."""
+
+    def __init__(self, rows: list[dict[str, Any]], summary: dict[str, Any]):
+        super().__init__(summary.get("reason", "diverged"))
+        self.rows, self.summary = rows, summary
+
+
 class Recorder:
     """Turns (round, θ̄, algorithm stats) into metric rows and the run's summary entry."""
 
     def __init__(self, cfg: Config, label: str, task, weights: torch.Tensor, topology: Topology | None, optimum, extra_columns=()):
         self.cfg, self.label, self.task, self.weights = cfg, label, task, weights
         self.topology, self.optimum = topology, optimum
-        self.f_star = optimum.f_star if optimum is not None else math.nan
+        # No f★ (non-convex policy, or a loss with no certified minimum: see ``Solution.note``) → gap NaN.
+        self.f_star = optimum.f_star if optimum is not None and optimum.f_star is not None else math.nan
         self.columns = COLUMNS + [c for c in extra_columns if c not in COLUMNS]
         self.rows: list[dict[str, Any]] = []
         self.total_bytes = 0
@@ -50,12 +63,39 @@ class Recorder:
         row.update(run=self.label, round=round_index, algorithm=self.cfg.algorithm.name,
                    bytes_communicated=self.total_bytes, wall_time_s=wall_time_s)
         row["optimality_gap"] = m["global_loss"] - self.f_star
+        reason = self._divergence(row, theta)
+        if reason:
+            raise RunDiverged(self.rows, self.diverged_summary(round_index, reason))
         self.rows.append(row)
-        if not math.isfinite(row["global_loss"]):
-            raise FloatingPointError(
-                f"run {self.label!r} diverged at round {round_index} (global loss {row['global_loss']}); lower algorithm.lr"
-            )
         return row
+
+    def _divergence(self, row: dict[str, Any], theta: torch.Tensor) -> str | None:
+        """Why this row shows a diverged run (non-finite values, or a loss DIVERGENCE_FACTOR × its start), else None."""
+        loss = row["global_loss"]
+        if not math.isfinite(loss):
+            return f"the global loss is {loss}"
+        if not bool(torch.isfinite(theta).all()):
+            return "the parameters are no longer finite"
+        if self.rows:
+            start = self.rows[0]["global_loss"]
+            if abs(loss) > DIVERGENCE_FACTOR * max(abs(start), 1e-3):
+                return f"the global loss {loss:.4g} exceeds {DIVERGENCE_FACTOR:g} × its start ({start:.4g})"
+        return None
+
+    def diverged_summary(self, round_index: int, reason: str) -> dict[str, Any]:
+        """A diverged run's summary: where and why it stopped, and the last finite row's values."""
+        last = self.rows[-1] if self.rows else {}
+        return {
+            "status": "diverged",
+            "diverged_at_round": round_index,
+            "reason": f"{reason} at round {round_index}; lower algorithm.lr",
+            "algorithm": self.cfg.algorithm.name,
+            "engine": self.cfg.engine.name,
+            "final": {k: last[k] for k in self.columns if k in last and k not in ("run", "algorithm")},
+            "last_finite_round": last.get("round"),
+            "num_clients": self.task.num_clients,
+            "num_params": self.task.num_params,
+        }
 
     def skip(self, stats: dict[str, float]) -> None:
         """A round that is not evaluated (``engine.eval_every``) still counts its bytes."""
@@ -65,27 +105,30 @@ class Recorder:
         """Final values plus f★, ζ² and σ² (at θ★ when convex, else at the final model), spectral gap."""
         final = self.rows[-1]
         out: dict[str, Any] = {
+            "status": "ok",
             "algorithm": self.cfg.algorithm.name,
             "engine": self.cfg.engine.name,
             "final": {k: final[k] for k in self.columns if k not in ("run", "algorithm")},
-            "f_star": self.optimum.f_star if self.optimum is not None else None,
+            "f_star": None if math.isnan(self.f_star) else self.f_star,
             "num_clients": self.task.num_clients,
             "num_params": self.task.num_params,
             "aggregation": build.aggregation(self.cfg),
         }
-        if self.optimum is not None:
+        star = self.optimum is not None and self.optimum.theta is not None
+        if star:
             at = self.optimum.theta
             out["heterogeneity"] = float(self.task.evaluate(at, self.weights)["heterogeneity"])
         else:  # the last row was evaluated at the final model already: no second (LM: costly) evaluation
             at = final_theta
             out["heterogeneity"] = float(final["heterogeneity"])
         out["grad_noise"] = self.task.grad_noise(at)
-        out["measured_at"] = "theta_star" if self.optimum is not None else "final_model"
+        out["measured_at"] = "theta_star" if star else "final_model"
         bs = build.batch_size(self.cfg)
         out["grad_noise_batch"] = 0.0 if bs is None else out["grad_noise"] / bs
         if self.optimum is not None:
-            out["solver"] = {"grad_norm": self.optimum.grad_norm, "iterations": self.optimum.iterations,
-                             "converged": self.optimum.converged}
+            out["solver"] = self.optimum.describe()  # method, converged, certificate (and a note)
+            if self.optimum.note:
+                out["f_star_note"] = self.optimum.note  # why there is no f★, or why it is approximate
         if getattr(self.task, "data_stats", None):
             out["data_stats"] = self.task.data_stats  # dropped / skipped / truncated counts of text data
         if self.topology is not None:

@@ -33,8 +33,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from distdpo import rundir
 from distdpo.config import ConfigError, from_dict
 from distdpo.experiment import Cache, run_one
+from distdpo.fingerprint import mismatch
 from distdpo.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from distdpo.metrics import COLUMNS
 from distdpo.report import Figure, Report, Section, Table, write_report
@@ -230,6 +232,7 @@ _RUN_RECORD_KEYS = {"label", "table", "rows", "summary", "seconds"}
 
 def finished_runs(out: Path, resume: bool) -> dict[str, dict]:
     """The run records an earlier call left in out/runs/, by label; a directory with results needs ``resume``."""
+    rundir.claim(out, "reproduce")  # refuses anyone else's files and a second writer
     files = sorted((out / "runs").glob("*.json"))
     if (files or (out / "summary.json").exists()) and not resume:
         raise ConfigError(f"{out} already holds results; pass --resume to continue it or choose another --out")
@@ -434,6 +437,7 @@ class Suite:
         self.sections: list[Section] = []
         self.theory: dict[str, Any] = {}
         self.failed: list[tuple[str, str]] = []
+        self.failed_analyses: dict[str, str] = {}
 
     # ---- running
 
@@ -448,6 +452,10 @@ class Suite:
             bar.set_postfix_str(spec.label[:40])
             if spec.label in done and _canonical(done[spec.label]["table"]) == _canonical(spec.table):
                 rec = done[spec.label]
+                changed = mismatch(rec["summary"].get("fingerprint"), self.cache.fingerprint(from_dict(spec.table)),
+                                   f"the run record of {spec.label!r}")
+                if changed:
+                    raise ConfigError(f"cannot resume: {changed}; rerun into a new --out")
                 spec.result_rows, spec.summary, spec.seconds, spec.reused = rec["rows"], rec["summary"], rec["seconds"], True
                 continue
             cfg = from_dict(spec.table)
@@ -456,6 +464,9 @@ class Suite:
                 rows, summary = run_one(cfg, spec.label, self.cache, progress=False)
             except (FloatingPointError, RuntimeError, ValueError) as e:  # one failed run must not lose the others
                 self.failed.append((spec.label, f"{type(e).__name__}: {e}"))
+                continue
+            if summary.get("status") != "ok":  # diverged: its curve would end early; listed, not analysed
+                self.failed.append((spec.label, f"{summary['status']}: {summary.get('reason', '')}"))
                 continue
             for r in rows:
                 r.update(experiment=spec.experiment, group=spec.group, x=spec.x, seed=spec.seed)
@@ -1098,8 +1109,9 @@ class Suite:
         for exp in ("theory", "A", "B1", "B2", "B3", "B4", "B5"):
             try:
                 getattr(self, f"analyse_{exp}")()
-            except Exception as e:  # one failed analysis must not lose the runs; the report says what failed
-                self.sections.append(Section(f"{exp}: analysis failed", [f"{type(e).__name__}: {e}"]))
+            except Exception as e:  # one failed analysis must not lose the runs; the report lists it and the exit code says so
+                self.failed_analyses[exp] = f"{type(e).__name__}: {e}"
+                self.sections.append(Section(f"{exp}: analysis failed", [self.failed_analyses[exp]]))
         if self.scale.full != "full":  # LMs: the "exact gradient" runs use a minibatch; say so in every regime
             for c in self.claims:
                 c.regime = c.regime.replace("full batch", f"minibatch B={self.scale.full} in place of full batch")
@@ -1128,6 +1140,7 @@ class Suite:
             "dataset": self.dataset, "description": self.ds.description, "seeds": self.seeds, "quick": self.quick,
             "command": command, "wall_time_s": wall_time_s, "machine": machine, "metric": self._metric(),
             "theory": self.theory, "fits": self.fits, "claims": [vars(c) for c in self.claims], "failed_runs": dict(self.failed),
+            "failed_analyses": dict(self.failed_analyses),
             "runs": {s.label: {**s.summary, "experiment": s.experiment, "group": s.group, "x": s.x, "seed": s.seed,
                                "config": s.table} for s in self.specs if s.result_rows},
         }

@@ -195,12 +195,18 @@ def load_edge_list(path: str | os.PathLike) -> nx.Graph:
     if g.number_of_nodes() == 0:
         raise TopologyError(f"edge list {fname!r} contains no edges")
     n = max(g.nodes) + 1
-    missing = sorted(set(range(n)) - set(g.nodes))
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+    if n != g.number_of_nodes():  # some of 0..n-1 are missing; list a few without building range(n)
+        missing, expected = [], 0
+        for label in sorted(g.nodes):
+            missing += range(expected, min(label, expected + 10 - len(missing)))
+            expected = label + 1
+            if len(missing) >= 10:
+                break
+        count = n - g.number_of_nodes()
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if count > 10 else "")
         raise TopologyError(
-            f"edge list {fname!r}: node labels must be 0..{n - 1} with none missing; "
-            f"missing {len(missing)} label(s): {shown}"
+            f"edge list {fname!r}: node labels must be 0..{g.number_of_nodes() - 1} (one per node, none missing); "
+            f"the largest label is {n - 1}, so {count} label(s) are missing: {shown}"
         )
     # Deterministic node order 0..n-1 regardless of the order edges appear in.
     out = nx.Graph()

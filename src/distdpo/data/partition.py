@@ -123,30 +123,93 @@ def partition(
     )
 
 
-def train_eval_split(
-    client_indices: list[np.ndarray], eval_fraction: float, seed: int = 0, min_eval: int = 1
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Hold out a random ``eval_fraction`` of each client's items; returns (train, eval) sorted index arrays.
+def prompt_key(prompt: str) -> str:
+    """What makes two prompts the same prompt for held-out grouping: the text with whitespace runs collapsed."""
+    return " ".join(prompt.split())
 
-    A client with at least 2 items gets at least ``min_eval`` eval and at least 1
-    train item (when ``eval_fraction > 0``); a client with fewer keeps them all
-    for training. Each client's split depends only on ``seed`` and its position.
+
+def drop_duplicates(client_indices: list[np.ndarray], keys: Sequence) -> tuple[list[np.ndarray], int]:
+    """Keep the first of each run of items with equal ``keys`` inside a client; returns (clients, number dropped)."""
+    out, dropped = [], 0
+    for idx in client_indices:
+        seen: set = set()
+        keep = []
+        for i in np.asarray(idx, dtype=np.int64):
+            if keys[i] in seen:
+                dropped += 1
+            else:
+                seen.add(keys[i])
+                keep.append(i)
+        out.append(np.asarray(keep, dtype=np.int64))
+    return out, dropped
+
+
+def train_eval_split(
+    client_indices: list[np.ndarray], eval_fraction: float, seed: int = 0, min_eval: int = 1,
+    groups: Sequence | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Hold out whole groups (prompts) of items across all clients; returns (train, eval) sorted index arrays.
+
+    ``groups[i]`` is item i's group (its prompt key; default: every item its own group). A held-out group is
+    held out on every client that has it, so no held-out prompt is ever trained on. Groups are drawn in a seeded
+    order until about ``eval_fraction`` of all items are held out; then each client that has no training item
+    gets its smallest held-out group back, and each client with at least 2 items but fewer than ``min_eval``
+    held-out ones gets one more of its groups held out, as long as no client loses its last training item.
     """
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if min_eval < 0:
         raise ValueError(f"min_eval must be >= 0, got {min_eval}")
-    train, held = [], []
-    for i, idx in enumerate(client_indices):
-        idx = np.asarray(idx, dtype=np.int64)
-        m = len(idx)
-        n_eval = 0
-        if eval_fraction > 0 and m >= 2:
-            n_eval = min(max(min_eval, int(round(eval_fraction * m))), m - 1)
-        order = np.random.default_rng([seed, i]).permutation(idx)
-        held.append(np.sort(order[:n_eval]))
-        train.append(np.sort(order[n_eval:]))
-    return train, held
+    clients = [np.asarray(idx, dtype=np.int64) for idx in client_indices]
+    if eval_fraction == 0:
+        return [np.sort(c) for c in clients], [np.zeros(0, dtype=np.int64) for _ in clients]
+    all_items = np.concatenate(clients) if clients else np.zeros(0, dtype=np.int64)
+    if groups is None:
+        code = {int(i): int(i) for i in all_items}
+    else:
+        ids: dict = {}
+        code = {int(i): ids.setdefault(groups[int(i)], len(ids)) for i in all_items}
+    members: dict[int, list[tuple[int, int]]] = {}  # group -> [(client, item)]
+    for c, idx in enumerate(clients):
+        for i in idx.tolist():
+            members.setdefault(code[i], []).append((c, i))
+    rng = np.random.default_rng(seed)
+    order = [list(members)[j] for j in rng.permutation(len(members))]
+    held: set[int] = set()
+    target, count = eval_fraction * len(all_items), 0
+    for g in order:
+        if count >= target:
+            break
+        held.add(g)
+        count += len(members[g])
+
+    def counts() -> tuple[np.ndarray, np.ndarray]:
+        n_eval = np.zeros(len(clients), dtype=np.int64)
+        for g in held:
+            for c, _ in members[g]:
+                n_eval[c] += 1
+        return np.array([len(c) for c in clients]) - n_eval, n_eval
+
+    n_train, _ = counts()
+    for c in np.flatnonzero(n_train == 0):  # every client keeps something to train on
+        mine = sorted((g for g in held if any(cc == c for cc, _ in members[g])), key=lambda g: len(members[g]))
+        if mine:
+            held.discard(mine[0])
+    n_train, n_eval = counts()
+    rank = {g: k for k, g in enumerate(order)}
+    for c, idx in enumerate(clients):
+        if len(idx) < 2 or n_eval[c] >= min_eval:
+            continue
+        for g in sorted({code[i] for i in idx.tolist()} - held, key=rank.__getitem__):
+            loses = np.bincount([cc for cc, _ in members[g]], minlength=len(clients))
+            if np.all((n_train - loses >= 1) | (loses == 0)):
+                held.add(g)
+                n_train, n_eval = counts()
+                if n_eval[c] >= min_eval:
+                    break
+    train = [np.sort(np.array([i for i in idx.tolist() if code[i] not in held], dtype=np.int64)) for idx in clients]
+    evals = [np.sort(np.array([i for i in idx.tolist() if code[i] in held], dtype=np.int64)) for idx in clients]
+    return train, evals
 
 
-__all__ = ["PARTITIONS", "partition", "train_eval_split"]
+__all__ = ["PARTITIONS", "drop_duplicates", "partition", "prompt_key", "train_eval_split"]

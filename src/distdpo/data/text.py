@@ -46,7 +46,6 @@ record (e.g. ``category``, ``domain``) are kept as columns.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -397,25 +396,40 @@ _JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
 _TABLE_SUFFIXES = (".parquet", ".csv")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataFormatError(f"{path}: cannot read the file ({e})") from None
+
+
+def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
+    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    return f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {col} (save the file as UTF-8)"
 
 
 def _read_json_file(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path) as fh:
-        text = fh.read()
-    start = len(text) - len(text.lstrip())
+    raw = _read_bytes(path)
+    start = len(raw) - len(raw.lstrip())
     # only .json may hold one top-level list; a .jsonl line that is a list is a malformed record
-    if text[start:start + 1] == "[" and path.name.lower().endswith((".json", ".json.gz")):
-        yield from _read_json_list(path, text, start)
+    if raw[start:start + 1] == b"[" and path.name.lower().endswith((".json", ".json.gz")):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # one JSON document: no record to skip, the file is refused
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataFormatError(f"{path}:{line}: {_not_utf8(raw, e)}") from None
+        yield from _read_json_list(path, text, len(text) - len(text.lstrip()))
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield f"{path}:{lineno}", json.loads(line)
+            yield f"{path}:{lineno}", json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield f"{path}:{lineno}", _Malformed(_not_utf8(line, e))
         except json.JSONDecodeError as e:
             yield f"{path}:{lineno}", _Malformed(f"invalid JSON: {e.msg} (column {e.colno})")
 
@@ -464,24 +478,41 @@ def _rows_with_location(rows: Iterator[dict], where: str) -> Iterator[tuple[str,
 
 
 def _read_table(path: Path) -> Iterator[tuple[str, Any]]:
-    if path.name.endswith(".parquet"):
-        import pyarrow.parquet as pq
+    try:
+        if path.name.endswith(".parquet"):
+            import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()  # nested message lists stay Python lists
-    else:
-        import pandas as pd
+            rows = pq.read_table(path).to_pylist()  # nested message lists stay Python lists
+        else:
+            import pandas as pd
 
-        # keep "" as "" (an empty response), not NaN
-        df = pd.read_csv(path, keep_default_na=False)
-        rows = df.to_dict("records")
+            # keep "" as "" (an empty response), not NaN
+            rows = pd.read_csv(path, keep_default_na=False, encoding="utf-8").to_dict("records")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except (ValueError, OSError) as e:  # pyarrow's and pandas' parse errors are ValueError subclasses
+        raise DataFormatError(f"{path}: cannot read the table ({type(e).__name__}: {e})") from None
     return _rows_with_location(iter(rows), str(path))
 
 
 def _read_hub(source: str, split: str | None, max_records: int | None) -> Iterator[tuple[str, Any]]:
     import datasets
 
+    from distdpo.hub import check_hub_id, offline
+
     split = split or "train"
-    ds = datasets.load_dataset(source, split=split)
+    folder = Path(source).is_dir()
+    if not folder and not offline():
+        check_hub_id("data.source", source, "dataset")  # one quick request: no minute of retries when offline
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # datasets raises many kinds for a folder or id it cannot read
+        if folder:
+            raise DataFormatError(f"{source} is a directory that `datasets` cannot load ({type(e).__name__}: {e}); "
+                                  "give a preference file (.jsonl, .json, .parquet, .csv) or a dataset folder") from None
+        if offline():
+            check_hub_id("data.source", source, "dataset")  # says why: offline and not in the local cache
+        raise DataFormatError(f"{source}[{split}]: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
     if max_records is not None and max_records < len(ds):
         ds = ds.select(range(max_records))
     return _rows_with_location(iter(ds), f"{source}[{split}]")

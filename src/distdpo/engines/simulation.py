@@ -56,7 +56,7 @@ def run(cfg, label: str, cache, *, progress: bool = True):
     comm = SimulatedCommunicator(task.num_clients, topology, sparse=sparse, dtype=build.torch_dtype(cfg), device=build.device(cfg))
     algo = build.build_algorithm(cfg, task, comm, topology, weights)
     rec = Recorder(cfg, label, task, weights, topology, cache.optimum(cfg, task, weights))
-    ckpt = RunCheckpoint(cfg, label)  # continues from engine.checkpoint_dir/<label> when it holds one
+    ckpt = RunCheckpoint(cfg, label, fingerprint=task.fingerprint())  # continues from engine.checkpoint_dir/<label> when it holds one
     start, wall, _ = ckpt.restore(algo, rec)
     if start == 0:
         rec.record(0, algo.global_params(), {}, 0.0)

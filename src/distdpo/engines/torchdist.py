@@ -286,7 +286,7 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
     from tqdm.auto import tqdm
 
     from distdpo.checkpoint import RunCheckpoint
-    from distdpo.metrics import Recorder, evaluated
+    from distdpo.metrics import Recorder, RunDiverged, evaluated
 
     init(cfg)
     ctl = _CONTROL
@@ -302,7 +302,7 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
     rec = None
     if me == 0:  # f★ (a Newton solve) and evaluation happen on rank 0 only
         rec = Recorder(cfg, label, task, weights, topology, cache.optimum(cfg, task, weights), extra_columns=columns)
-    ckpt = RunCheckpoint(cfg, label, ctl)
+    ckpt = RunCheckpoint(cfg, label, ctl, fingerprint=task.fingerprint())
     start, wall, extra = ckpt.restore(algo, rec)
     pending = extra.get("pending_comm", torch.zeros(2, dtype=torch.float64))  # comm time, bytes since last row
     rounds = cfg.algorithm.rounds
@@ -328,11 +328,17 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
                 theta = algo.global_params()
                 per_rank = ctl.gather(pending)
                 pending = torch.zeros(2, dtype=torch.float64)
+                diverged = None
                 if rec is not None:
                     stats = {**stats, **{f"comm_time_s/rank{q}": float(per_rank[q, 0]) for q in range(P)},
                              **{f"comm_bytes/rank{q}": int(per_rank[q, 1]) for q in range(P)}}
-                    row = rec.record(r, theta, stats, wall)
-                    bar.set_postfix(loss=f"{row['global_loss']:.4f}")
+                    try:
+                        row = rec.record(r, theta, stats, wall)
+                        bar.set_postfix(loss=f"{row['global_loss']:.4f}")
+                    except RunDiverged as e:
+                        diverged = e
+                if ctl.broadcast(diverged is not None):  # rank 0 evaluates; every rank stops at the same round
+                    raise diverged or RunDiverged([], {})
             elif rec is not None:
                 rec.skip(stats)
             if ckpt.due(r):

@@ -17,28 +17,39 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from distdpo.lm.builtin import build_model, is_builtin, train_tokenizer
+from distdpo.config import ConfigError
+from distdpo.hub import check_hub_id, is_local
+from distdpo.lm.builtin import BUILTIN, build_model, is_builtin, train_tokenizer
 from distdpo.lm.logprobs import PackedBatch, pair_logps
 
 
 def load_model_and_tokenizer(model: str, *, training_texts=None, vocab_size: int = 4096, seed: int = 0):
     """``builtin:<name>`` (random init + BPE trained on ``training_texts``), a local path, or a hub id."""
     if is_builtin(model):
+        if model.removeprefix("builtin:") not in BUILTIN:
+            raise ConfigError(f"policy.model = {model!r}: no such built-in model; expected one of "
+                              f"{', '.join('builtin:' + k for k in BUILTIN)}")
         if training_texts is None:
             raise ValueError("a built-in model needs training texts for its tokenizer")
         tok = train_tokenizer(training_texts, vocab_size)
         return build_model(model, len(tok), seed), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(model).exists()
+    def load(local_only: bool):
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        return AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only), tok
+
+    name = str(Path(model).expanduser()) if is_local(model) else model
     try:
-        tok = AutoTokenizer.from_pretrained(model, local_files_only=local)
-        lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=local)
-    except OSError as e:
-        raise ValueError(
-            f"cannot load policy.model = {model!r}: not a local model directory, and the Hugging Face hub did not "
-            f"provide it ({e.__class__.__name__}); use a local path or 'builtin:gpt2-tiny' offline"
-        ) from None
+        lm, tok = load(True)  # a local directory, or a hub id already in the local cache
+    except (OSError, ValueError) as e:
+        if is_local(model):
+            raise ConfigError(f"policy.model = {model!r}: cannot load a causal LM from that directory ({e})") from None
+        check_hub_id("policy.model", model, "model")  # fails fast, naming why, when the hub cannot serve it
+        try:
+            lm, tok = load(False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load policy.model = {model!r} from the Hugging Face hub: {e}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return lm, tok
@@ -103,17 +114,22 @@ class CausalLMPolicy:
         return pair_logps(self.reference_model, batch, self.autocast_dtype)
 
     def fingerprint(self) -> str:
-        """Identifies the reference model's weights (for caching reference log-probs)."""
+        """Identifies the reference model: every weight and buffer's bytes, the model config, and the compute kind.
+
+        Reference log-probs cached under this key are valid exactly when all of these are the same.
+        """
         h = hashlib.sha256()
         ref = self.model.get_base_model() if self.lora else self.reference_model
         with torch.no_grad():
-            for name, p in ref.named_parameters():
-                if "lora_" in name:
-                    continue
-                h.update(name.encode())
-                h.update(str(tuple(p.shape)).encode())
-                h.update(f"{float(p.double().sum()):.10e}".encode())
-        return h.hexdigest()[:16]
+            for kind, named in (("param", ref.named_parameters()), ("buffer", ref.named_buffers())):
+                for name, t in named:
+                    if "lora_" in name:
+                        continue
+                    h.update(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(ref.config.to_json_string(use_diff=False).encode())
+        h.update(f"device={self.device.type}:autocast={self.autocast_dtype}".encode())
+        return h.hexdigest()[:24]
 
 
 def cache_dir() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from distdpo.data.synthetic import FeaturePreferenceData
+from distdpo.fingerprint import digest
 from distdpo.losses import dpo_loss, margin_loss
 from distdpo.policies import FeaturePolicy, LogLinearPolicy
 from distdpo.tasks.base import Batch
@@ -102,6 +103,12 @@ class FeatureTask:
             label_smoothing=self.label_smoothing, dtype=self.dtype, device=self.device, _train=train,
         )
 
+    def fingerprint(self) -> dict[str, str]:
+        """What this task trains on: the clients' pairs and held-out pairs (data), the policy and reference (model)."""
+        d = self.data
+        data = digest([self._pairs64, self._weight64, d.eval_features, d.eval_chosen, d.eval_rejected, d.eval_sizes])
+        return {"data": data, "model": digest([self.reference], type(self.policy).__name__, str(self.num_params))}
+
     # ---- measurement (float64, exact full batch) ------------------------------------
 
     def client_losses_and_grads(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +124,15 @@ class FeatureTask:
         scale = self._weight64 / self.client_sizes.to(torch.float64)[:, None]
         losses = (margin_loss(h, self.beta, self.loss_type, self.label_smoothing) * scale).sum(1)
         return weights.to(torch.float64) @ losses
+
+    def margin_features(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-linear only: ``(A, b, w)`` over the real pairs, float64, with margins h = Aθ − b and
+        f(θ) = Σ_k w_k ℓ(h_k) = :meth:`objective` (for the exact solvers in :mod:`distdpo.solver`)."""
+        if not self.convex:
+            raise TypeError("margin_features needs a log-linear policy (the margin is linear in θ only then)")
+        mask = self._weight64 > 0
+        w = (weights.to(torch.float64)[:, None] * self._weight64 / self.client_sizes.to(torch.float64)[:, None])[mask]
+        return self._pairs64[mask].to(torch.float64), self._ref_log_odds64[mask], w
 
     def grad_noise(self, theta: torch.Tensor) -> float:
         """σ²: variance of a one-pair stochastic gradient around ∇f_i(θ), averaged over clients."""

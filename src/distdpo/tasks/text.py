@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from distdpo.fingerprint import digest
 from distdpo.io import write_bytes_atomic
 from distdpo.lm.logprobs import TokenizedPairs, pack
 from distdpo.lm.policy import CausalLMPolicy, cache_dir
@@ -64,6 +65,9 @@ class TextTask:
             weight[i, :size] = 1.0 if pair_weight is None else torch.as_tensor(pair_weight[i], dtype=torch.float64)
         self.weight = weight
         self._ref = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64)
+        # IPO on sequences uses per-token mean log-probs (as TRL and the IPO paper's LM use); the others use sums.
+        self._per_token = loss_type == "ipo"
+        self._lengths = torch.tensor([[len(c), len(r)] for c, r in zip(pairs.chosen, pairs.rejected)], dtype=torch.float64)
         self._initial = policy.get_flat()
         self._tokens, self._seconds, self._counting = 0, 0.0, True
 
@@ -103,10 +107,16 @@ class TextTask:
 
     def _pair_losses(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         batch = pack(self.pairs, ids.tolist(), self.policy.pad_id).to(self.policy.device)
-        ref = self.reference(ids).to(self.policy.device, torch.float32)
-        pol_w, pol_l = self.policy.logps(batch)
-        h = (pol_w - ref[:, 0]) - (pol_l - ref[:, 1])
+        ref = self._normalised(ids, self.reference(ids)).to(self.policy.device, torch.float32)
+        pol = self._normalised(ids, torch.stack(self.policy.logps(batch), 1))
+        h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
         return margin_loss(h, self.beta, self.loss_type, self.label_smoothing), batch.real_tokens
+
+    def _normalised(self, ids: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
+        """[B, 2] summed log-probs, divided by the completions' token counts when the loss is IPO."""
+        if not self._per_token:
+            return logps
+        return logps / self._lengths[ids].to(logps.device, logps.dtype)
 
     def pooled(self, weights: torch.Tensor) -> "TextTask":
         """One client with every training pair, each weighted so that its mean loss is Σ_i weights_i f_i."""
@@ -119,6 +129,14 @@ class TextTask:
         task.num_clients = 1
         task.weight = torch.as_tensor(np.concatenate(w))[None]
         return task
+
+    def fingerprint(self) -> dict[str, str]:
+        """What this task trains on: the tokenized pairs and the partition (data), the starting model (model)."""
+        p = self.pairs
+        lengths = torch.tensor([[len(a), len(b), len(c)] for a, b, c in zip(p.prompt, p.chosen, p.rejected)])
+        tokens = torch.cat([t for seq in (p.prompt, p.chosen, p.rejected) for t in seq])
+        parts = [lengths, tokens, self.weight, *self.train, torch.tensor([-1]), *self.eval]
+        return {"data": digest(parts, "\n".join(self.client_names)), "model": self.policy.fingerprint()}
 
     # ---- reference log-probs ------------------------------------------------------
 
@@ -205,10 +223,11 @@ class TextTask:
                 pw, pl = self.policy.logps(pack(self.pairs, chunk.tolist(), self.policy.pad_id).to(self.policy.device))
                 w.append(pw.double().cpu())
                 l.append(pl.double().cpu())
-            ref = self.reference(ids)
-            losses, m = dpo_loss(torch.cat(w), torch.cat(l), ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.label_smoothing)
+            ref = self._normalised(ids, self.reference(ids))
+            pol = self._normalised(ids, torch.stack([torch.cat(w), torch.cat(l)], 1))
+            losses, m = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.label_smoothing)
             acc.append(float(m["rewards/accuracies"].mean()))
-            parts.append((losses, m, torch.cat(w) - ref[:, 0]))
+            parts.append((losses, m, pol[:, 0] - ref[:, 0]))
         if not parts:
             return {}
         cat = lambda key: torch.cat([p[1][key] for p in parts]).mean().item()  # noqa: E731

@@ -57,7 +57,10 @@ def run(cfg, label: str, cache, *, progress: bool = True):
 
     @server_app.main()
     def _main(grid, context) -> None:
-        result["out"] = train(grid, cfg, label, cache, progress=progress)
+        try:
+            result["out"] = train(grid, cfg, label, cache, progress=progress)
+        except Exception as e:  # Flower would log it and carry on: hand it to the caller (a divergence, a dead client)
+            result["error"] = e
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_logger = logging.getLogger("flwr")
@@ -70,6 +73,8 @@ def run(cfg, label: str, cache, *, progress: bool = True):
         flwr_logger.setLevel(level)
         if ray.is_initialized():
             ray.shutdown()
+    if "error" in result:
+        raise result["error"]
     if "out" not in result:
         raise RuntimeError("Flower's simulation ended without a result (see the log above)")
     return result["out"]

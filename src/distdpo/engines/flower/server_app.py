@@ -23,15 +23,31 @@ from distdpo.checkpoint import RunCheckpoint
 from distdpo.config import Config, ConfigError
 from distdpo.engines.flower import common as C
 from distdpo.engines.flower.strategies import Scaffold, SampledGrid, load_strategy_state, make_strategy, strategy_state
+from distdpo.faults import RankFailure
 
 
-def _raise_errors(replies: list[Message], expected: int, what: str) -> None:
+class ClientFailure(RankFailure):
+    """A Flower client (a simulation actor or a SuperNode) died, failed or did not answer in time."""
+
+
+def _raise_errors(replies: list[Message], nodes: list[int], what: str, partition_of: dict[int, int] | None = None,
+                  names: list[str] | None = None) -> None:
+    """Raise :class:`ClientFailure` naming each failed or silent client by its partition (and node id)."""
+    def client(node: int) -> str:
+        pid = (partition_of or {}).get(node)
+        if pid is None:
+            return f"node {node}"
+        name = f"client {names[pid]!r} " if names else "client "
+        return f"{name}(partition-id {pid}, node {node})"
+
     errors = [m for m in replies if m.has_error()]
     if errors:
         m = errors[0]
-        raise RuntimeError(f"{what}: node {m.metadata.src_node_id} replied with an error: {m.error.reason}")
-    if len(replies) < expected:
-        raise RuntimeError(f"{what}: {len(replies)} of {expected} nodes replied before engine.flower_timeout")
+        raise ClientFailure(f"{what}: {client(m.metadata.src_node_id)} failed: {m.error.reason}")
+    silent = sorted(set(nodes) - {m.metadata.src_node_id for m in replies})
+    if silent:
+        raise ClientFailure(f"{what}: {len(silent)} of {len(nodes)} clients did not reply within engine.flower_timeout: "
+                            f"{', '.join(client(n) for n in silent)}")
 
 
 def discover_partitions(grid: Grid, config_text: str, num_clients: int, timeout: float) -> dict[int, int]:
@@ -43,7 +59,7 @@ def discover_partitions(grid: Grid, config_text: str, num_clients: int, timeout:
         time.sleep(0.1)
     content = RecordDict({"config": ConfigRecord({C.CONFIG: config_text})})
     replies = list(grid.send_and_receive([Message(content, node, "query") for node in nodes], timeout=timeout))
-    _raise_errors(replies, len(nodes), "partition discovery")
+    _raise_errors(replies, nodes, "partition discovery")
     node_of: dict[int, int] = {}
     for m in replies:
         pid = int(m.content["metrics"][C.PARTITION])
@@ -77,7 +93,7 @@ def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) 
     sample_gen = torch.Generator().manual_seed(cfg.seed + 2)  # and its client-sampling generator
     rec = Recorder(cfg, label, task, weights, None, cache.optimum(cfg, task, weights))
     state = ServerState(task.initial_params().to(dtype), data_gen, sample_gen, strategy)
-    ckpt = RunCheckpoint(cfg, label)  # the simulator's checkpoints: continues from engine.checkpoint_dir/<label>
+    ckpt = RunCheckpoint(cfg, label, fingerprint=task.fingerprint())  # the simulator's checkpoints: continues from engine.checkpoint_dir/<label>
     done, wall, _ = ckpt.restore(state, rec)
     if done == 0:
         rec.record(0, state.theta, {}, 0.0)
@@ -96,7 +112,8 @@ def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) 
         messages = list(strategy.configure_train(r, C.to_record(theta=state.theta), config,
                                                  SampledGrid(grid, [node_of[int(i)] for i in sampled])))
         replies = list(grid.send_and_receive(messages, timeout=e.flower_timeout))
-        _raise_errors(replies, len(messages), f"round {r}")
+        _raise_errors(replies, [m.metadata.dst_node_id for m in messages], f"round {r}",
+                      {node: pid for pid, node in node_of.items()}, getattr(task, "client_names", None))
         arrays, _ = strategy.aggregate_train(r, replies)
         if arrays is None:
             raise RuntimeError(f"round {r}: the strategy returned no model")
