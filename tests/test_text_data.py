@@ -341,7 +341,10 @@ def test_hub_path_routes_to_load_dataset(monkeypatch):
         return datasets.Dataset.from_dict(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    probed = []
+    monkeypatch.setattr("distdpo.hub.check_hub_id", lambda key, name, kind: probed.append((key, name, kind)))
     d = load_preferences("Anthropic/hh-rlhf", split="test")
+    assert probed == [("data.source", "Anthropic/hh-rlhf", "dataset")]  # one quick probe before the download
     assert calls == [("Anthropic/hh-rlhf", "test")]
     assert d.prompt == ["\n\nHuman: hi\n\nAssistant:"] and d.chosen == [" hello"] and d.rejected == [" go"]
     load_preferences("Anthropic/hh-rlhf")

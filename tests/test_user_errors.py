@@ -267,3 +267,31 @@ def test_outputs_are_readable_by_the_users_group(tmp_path):
         os.umask(old)
     for name in ("summary.json", "metrics.csv", "config.toml"):
         assert (tmp_path / "o" / name).stat().st_mode & 0o777 == 0o640  # 0666 less the umask, as open() gives
+
+
+def test_what_a_run_silently_does_is_warned_once_and_recorded(tmp_path, capsys, caplog):
+    cfg = write(tmp_path / "cfg.toml", SYNTH.replace("[engine]", '[topology]\ngraph = "torus"\n[engine]')
+                .replace("lr = 0.3", "lr = 0.3\nbatch_size = 100") + '[sweep]\n"algorithm.local_steps" = [1, 2]\n')
+    with caplog.at_level("WARNING", logger="distdpo"):
+        assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    notes = summary["warnings"]
+    assert any("topology.* keys are set" in n for n in notes)
+    assert any("batch_size = 100 exceeds the training pairs of 6 client(s)" in n for n in notes)
+    assert all(sorted(run["warnings"]) == notes for run in summary["runs"].values())
+    logged = [r.getMessage() for r in caplog.records if r.name == "distdpo"]
+    assert sorted(logged) == sorted(notes)  # once each, not once per run
+
+
+def test_a_natural_split_with_a_client_without_held_out_pairs_is_warned(tmp_path):
+    from distdpo import build
+    from distdpo.config import from_dict
+
+    rows = [{"prompt": f"p{i % 5}", "chosen": f"good {i}", "rejected": f"bad {i}", "user": "a"} for i in range(10)]
+    rows.append({"prompt": "q", "chosen": "good", "rejected": "bad", "user": "b"})  # one pair: kept for training
+    data = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict({"data": {"source": str(data), "partition": "natural", "label_column": "user", "eval_fraction": 0.3},
+                     "policy": {"kind": "causal_lm", "max_length": 32, "lora_r": 2, "tokenizer_vocab_size": 300},
+                     "algorithm": {"batch_size": 2}})
+    notes = build.warnings_for(cfg, build.build_task(cfg))
+    assert any("have no held-out pairs" in n for n in notes), notes
