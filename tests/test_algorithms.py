@@ -151,8 +151,9 @@ def test_bytes_count_what_travels_at_the_engine_dtype(name):
         task, _, algo = setup(cfg)
         topology = build.build_topology(cfg)
         p = task.num_params
-        vectors = 2 if name in ("scaffold", "gradient_tracking") else 1
-        per_vector = 2 * 8 * p if topology is None else topology.messages_per_round(0) * p  # up + down, or edges
+        # federated: model down + update up per client (SCAFFOLD: c − c_i down too); gossip: a row per directed edge
+        vectors = {"fedavg": 2, "scaffold": 3, "dsgd": 1, "gradient_tracking": 2}[name]
+        per_vector = 8 * p if topology is None else topology.messages_per_round(0) * p
         counts[dtype] = algo.run_round(0)["bytes"]
         assert counts[dtype] == vectors * per_vector * size
     assert counts["float64"] == 2 * counts["float32"]

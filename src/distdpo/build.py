@@ -10,13 +10,11 @@ from distdpo.algorithms.centralized import Centralized
 from distdpo.algorithms.decentralized import Decentralized
 from distdpo.algorithms.federated import Federated
 from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
-from distdpo.config import DECENTRALIZED, Config, ConfigError
+from distdpo.config import ALGORITHM_SPECS, DECENTRALIZED, Config, ConfigError, resolve_server_optimizer
 from distdpo.data.synthetic import make_synthetic
 from distdpo.policies import LogLinearPolicy, MLPPolicy
 from distdpo.tasks.features import FeatureTask
 from distdpo.topology import Topology, TopologyError, make_topology
-
-SERVER_OPTIMIZER_OF = {"fedavgm": "avgm", "fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 
 
 def torch_dtype(cfg: Config) -> torch.dtype:
@@ -105,19 +103,18 @@ def warnings_for(cfg: Config, task) -> list[str]:
     if a.name not in DECENTRALIZED and cfg.topology != TopologyConfig():
         out.append(f"topology.* keys are set, but algorithm.name = {a.name!r} has no communication graph: they are ignored")
     bs = batch_size(cfg)
-    names = getattr(task, "client_names", None) or [f"client{i}" for i in range(task.num_clients)]
+    names = task.client_names
     small = [name for name, size in zip(names, task.client_sizes.tolist()) if bs is not None and bs > size]
     if small:
         out.append(f"algorithm.batch_size = {bs} exceeds the training pairs of {len(small)} client(s) "
                    f"({', '.join(map(str, small[:5]))}{', ...' if len(small) > 5 else ''}): they sample with replacement")
-    stats = getattr(task, "data_stats", {}) or {}
+    stats = task.data_stats
     total = stats.get("tokenized_pairs", 0)
     for what in ("prompts", "completions"):
         if total and stats.get(f"truncated_{what}") == total:
             out.append(f"every pair's {what[:-1]} was truncated to fit policy.max_length = {cfg.policy.max_length}")
-    held = getattr(task, "eval", None)
-    if held is not None and cfg.data.eval_fraction > 0:
-        none = [name for name, e in zip(names, held) if len(e) == 0]
+    if cfg.data.eval_fraction > 0:
+        none = [name for name, size in zip(names, task.held_out_sizes()) if size == 0]
         if none:
             out.append(f"{len(none)} client(s) have no held-out pairs ({', '.join(map(str, none[:5]))}): "
                        "pref_accuracy leaves them out")
@@ -125,20 +122,22 @@ def warnings_for(cfg: Config, task) -> list[str]:
 
 
 def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights: torch.Tensor):
+    """The algorithm object of ``cfg.algorithm.name``, as its entry in ``config.ALGORITHM_SPECS`` describes it."""
     a = cfg.algorithm
-    dtype = torch_dtype(cfg)
+    spec = ALGORITHM_SPECS[a.name]
     opt = ClientOptimizer(a.optimizer, a.lr, a.weight_decay)
-    common = dict(local_steps=a.local_steps, optimizer=opt, batch_size=batch_size(cfg), seed=cfg.seed, dtype=dtype)
-    if a.name == "centralized":
+    common = {"local_steps": a.local_steps, "optimizer": opt, "batch_size": batch_size(cfg), "seed": cfg.seed,
+              "dtype": torch_dtype(cfg)}
+    if spec.family == "centralized":
         return Centralized(task, weights=weights, **common)
-    if a.name in DECENTRALIZED:
-        return Decentralized(task, comm, topology, tracking=a.name == "gradient_tracking", gossip=a.gossip, **common)
-    server_name = a.server_optimizer if a.server_optimizer != "auto" else SERVER_OPTIMIZER_OF.get(a.name, "sgd")
-    server = ServerOptimizer(server_name, a.server_lr, a.server_momentum, a.server_beta2, a.server_tau)
+    if spec.family == "decentralized":
+        return Decentralized(task, comm, topology, tracking=spec.tracking, gossip=a.gossip, **common)
+    server = ServerOptimizer(resolve_server_optimizer(a), a.server_lr, a.server_momentum, a.server_beta2,
+                             a.server_tau)
     return Federated(
         task, comm, weights=weights, server=server,
         clients_per_round=a.clients_per_round or task.num_clients, staleness=a.staleness,
-        prox_mu=a.mu if a.name == "fedprox" else 0.0, scaffold=a.name == "scaffold", **common,
+        prox_mu=a.mu if spec.prox else 0.0, scaffold=spec.scaffold, **common,
     )
 
 

@@ -2,6 +2,11 @@
 
 Every key is checked before any work starts; an unknown key or a bad value
 raises :class:`ConfigError` naming the key (``algorithm.lr``) and what was expected.
+
+Each key is one dataclass field made by :func:`option`: its default, a one-line
+doc, the values it accepts (choices, bounds) and, for engine-specific keys, the
+engine it configures, all in the field's metadata. :func:`_coerce` checks a value
+against that metadata; :func:`validate` holds the checks that involve several keys.
 """
 
 from __future__ import annotations
@@ -11,120 +16,187 @@ import difflib
 import itertools
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ALGORITHMS = (
-    "centralized", "fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-    "dsgd", "gradient_tracking",
-)
-FEDERATED = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-DECENTRALIZED = ("dsgd", "gradient_tracking")
+from distdpo.data.partition import PARTITIONS
+from distdpo.data.text import FORMATS, ON_ERROR, PANDALM_MODES
+from distdpo.engines import ENGINES
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key."""
 
 
+# ---- algorithms: one registry that config validation, build.build_algorithm and the Flower strategies read ----
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """What an ``algorithm.name`` means to the code that builds and runs it."""
+
+    family: str  # centralized | federated | decentralized
+    server_optimizer: str = "sgd"  # federated: the server step that algorithm.server_optimizer = "auto" stands for
+    prox: bool = False  # FedProx's proximal term (algorithm.mu)
+    scaffold: bool = False  # SCAFFOLD's control variates
+    tracking: bool = False  # gradient tracking's tracker
+
+    @property
+    def sgd_only(self) -> bool:
+        """Its corrections assume plain SGD steps on the clients."""
+        return self.scaffold or self.tracking
+
+
+FAMILIES = ("centralized", "federated", "decentralized")
+SERVER_OPTIMIZERS = ("sgd", "avgm", "adagrad", "adam", "yogi")  # = distdpo.algorithms.optim.SERVER_OPTIMIZERS
+ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
+    "centralized": AlgorithmSpec("centralized"),
+    "fedavg": AlgorithmSpec("federated"),
+    "fedprox": AlgorithmSpec("federated", prox=True),
+    "scaffold": AlgorithmSpec("federated", scaffold=True),
+    "fedavgm": AlgorithmSpec("federated", server_optimizer="avgm"),
+    "fedadam": AlgorithmSpec("federated", server_optimizer="adam"),
+    "fedyogi": AlgorithmSpec("federated", server_optimizer="yogi"),
+    "fedadagrad": AlgorithmSpec("federated", server_optimizer="adagrad"),
+    "dsgd": AlgorithmSpec("decentralized"),
+    "gradient_tracking": AlgorithmSpec("decentralized", tracking=True),
+}
+ALGORITHMS = tuple(ALGORITHM_SPECS)
+FEDERATED = tuple(name for name, spec in ALGORITHM_SPECS.items() if spec.family == "federated")
+DECENTRALIZED = tuple(name for name, spec in ALGORITHM_SPECS.items() if spec.family == "decentralized")
+
+
+def resolve_server_optimizer(a: AlgorithmConfig) -> str:
+    """The server step of a federated run: ``algorithm.server_optimizer``, or the algorithm's own for ``"auto"``."""
+    return a.server_optimizer if a.server_optimizer != "auto" else ALGORITHM_SPECS[a.name].server_optimizer
+
+
+# ---- choices owned by modules too heavy to import here (torch, networkx); tests check they agree ----
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # distdpo.losses imports it from here
+CLIENT_OPTIMIZERS = ("sgd", "adamw")  # = distdpo.algorithms.optim.CLIENT_OPTIMIZERS
+MIXING_WEIGHTS = ("metropolis", "max_degree", "lazy_metropolis", "lazy_max_degree")  # = distdpo.topology.WEIGHTS
+
+
+def option(default: Any, doc: str, *, choices: tuple | None = None, gt: float | None = None,
+           ge: float | None = None, lt: float | None = None, or_values: tuple = (), engine: str | None = None):
+    """A config key: its default, a one-line doc and the values it accepts, as a dataclass field.
+
+    ``choices``: the allowed values; ``gt`` / ``ge`` / ``lt``: bounds (``gt=0`` positive, ``ge=0``
+    non-negative, ``lt=1`` below 1); floats must also be finite. ``or_values``: values accepted besides
+    numbers within the bounds (``"full"`` for a batch size). ``engine``: the only engine that reads the key.
+    """
+    meta = {"doc": doc, "type": type(default), "choices": None if choices is None else tuple(choices),
+            "gt": gt, "ge": ge, "lt": lt, "or_values": tuple(or_values), "engine": engine}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
-    num_clients: int = 16
-    pairs_per_client: int = 200
-    eval_pairs_per_client: int = 200
-    size_skew: float = 0.0  # 0 = equal client sizes; σ of log-normal sizes otherwise
-    dim: int = 16
-    num_actions: int = 8
-    heterogeneity: float = 1.0
-    label_noise: float = 0.0
-    reward_scale: float = 2.0
-    reference_scale: float = 0.5
+    source: str = option("synthetic", "\"synthetic\" (the personalized preference model), a file path or a hub id")
+    num_clients: int = option(16, "n users", gt=0)
+    pairs_per_client: int = option(200, "mean training pairs per user", gt=0)
+    eval_pairs_per_client: int = option(200, "held-out pairs per user", gt=0)
+    size_skew: float = option(0.0, "0 = equal client sizes; σ of log-normal sizes otherwise", ge=0)
+    dim: int = option(16, "feature dimension d", gt=0)
+    num_actions: int = option(8, "actions per context", ge=2)
+    heterogeneity: float = option(1.0, "θ_i = θ★ + heterogeneity · u_i", ge=0)
+    label_noise: float = option(0.0, "probability a Bradley–Terry label is flipped", ge=0, lt=0.5)
+    reward_scale: float = option(2.0, "‖θ★‖ (≈ reward spread)", ge=0)
+    reference_scale: float = option(0.5, "‖θ_ref‖ of the behaviour / reference policy", ge=0)
     # Text preference data (data.source = a file path or a Hugging Face dataset id).
-    format: str = "auto"  # auto | trl | hh-rlhf | pandalm | shp | ultrafeedback
-    split: str = ""  # Hugging Face split ("" = train)
-    on_error: str = "raise"  # raise | skip (malformed records)
-    pandalm_mode: str = "votes"  # votes | majority
-    max_pairs: int = 0  # 0 = all; else a seeded random subset
-    partition: str = "iid"  # iid | dirichlet | natural | quantity
-    label_column: str = ""
-    dirichlet_alpha: float = 0.5
-    quantity_alpha: float = 1.0
-    eval_fraction: float = 0.1
-    loss_pairs_per_client: int = 16  # fixed training pairs per client for the global loss / gradient metrics
+    format: str = option("auto", "record format of the preference data (\"auto\" detects it)", choices=FORMATS)
+    split: str = option("", "Hugging Face split (\"\" = train)")
+    on_error: str = option("raise", "malformed records: raise, or skip and count them", choices=ON_ERROR)
+    pandalm_mode: str = option("votes", "PandaLM: one pair per annotator vote, or the majority", choices=PANDALM_MODES)
+    max_pairs: int = option(0, "a seeded random subset of this many pairs (0 = all)", ge=0)
+    partition: str = option("iid", "how pairs are split across clients", choices=PARTITIONS)
+    label_column: str = option("", "the column a dirichlet / natural partition splits by")
+    dirichlet_alpha: float = option(0.5, "label-skew concentration of the dirichlet partition", gt=0)
+    quantity_alpha: float = option(1.0, "size-skew concentration of the quantity partition", gt=0)
+    eval_fraction: float = option(0.1, "held-out share of the pairs, drawn by prompt across clients", ge=0, lt=1)
+    loss_pairs_per_client: int = option(16, "fixed training pairs per client for the global loss / gradient", gt=0)
 
 
 @dataclass
 class PolicyConfig:
-    kind: str = "loglinear"  # loglinear | mlp | causal_lm
-    beta: float = 1.0
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
-    label_smoothing: float = 0.0
-    hidden_size: int = 32  # mlp
+    kind: str = option("loglinear", "policy family; causal_lm for text data", choices=("loglinear", "mlp", "causal_lm"))
+    beta: float = option(1.0, "DPO temperature β", gt=0)
+    loss_type: str = option("sigmoid", "DPO-family loss", choices=LOSS_TYPES)
+    label_smoothing: float = option(0.0, "cDPO ε (sigmoid) / robust-DPO noise rate", ge=0, lt=0.5)
+    hidden_size: int = option(32, "MLP width", gt=0)
     # Causal language models.
-    model: str = "builtin:gpt2-tiny"  # builtin:gpt2-tiny | builtin:llama-tiny | local path | hub id
-    max_length: int = 256
-    lora_r: int = 8  # 0 = full fine-tuning
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list = field(default_factory=list)  # [] = peft's default for the architecture
-    precompute_reference: bool = False
-    tokenizer_vocab_size: int = 4096  # built-in models: BPE vocabulary trained on the training text
+    model: str = option("builtin:gpt2-tiny", "builtin:gpt2-tiny | builtin:llama-tiny | local path | hub id")
+    max_length: int = option(256, "tokens of prompt + completion", gt=0)
+    lora_r: int = option(8, "LoRA rank (0 = full fine-tuning)", ge=0)
+    lora_alpha: float = option(16.0, "LoRA scaling", gt=0)
+    lora_dropout: float = option(0.0, "LoRA dropout", ge=0, lt=1)
+    lora_target_modules: list = option(  # noqa: RUF009 (option gives a list a default_factory)
+        [], "modules to adapt ([] = peft's default for the architecture)")
+    precompute_reference: bool = option(False, "compute and disk-cache every pair's reference log-probs up front")
+    tokenizer_vocab_size: int = option(4096, "built-in models: BPE vocabulary trained on the training text", gt=0)
 
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "fedavg"
-    rounds: int = 50
-    local_steps: int = 5
-    lr: float = 0.5
-    server_lr: float = 1.0
-    clients_per_round: int = 0  # 0 = every client, every round
-    staleness: int = 0  # q_max
-    batch_size: int | str = 32  # or "full"
-    aggregation: str = "auto"  # auto | size | uniform
-    optimizer: str = "sgd"  # sgd | adamw
-    weight_decay: float = 0.0
-    mu: float = 0.01  # FedProx
-    server_optimizer: str = "auto"  # auto | sgd | avgm | adagrad | adam | yogi
-    server_momentum: float = 0.9
-    server_beta2: float = 0.99
-    server_tau: float = 1e-3
-    gossip: str = "atc"  # atc | cta
+    name: str = option("fedavg", "the algorithm (see ALGORITHM_SPECS)", choices=ALGORITHMS)
+    rounds: int = option(50, "R rounds", gt=0)
+    local_steps: int = option(5, "K local steps per round (centralized: steps per round)", gt=0)
+    lr: float = option(0.5, "local step size η", gt=0)
+    server_lr: float = option(1.0, "server step size η_g", gt=0)
+    clients_per_round: int = option(0, "S clients sampled per round (0 = every client, every round)", ge=0)
+    staleness: int = option(0, "q_max: a client starts from the global model of up to q_max rounds ago", ge=0)
+    batch_size: int | str = option(32, "pairs per stochastic gradient, or \"full\"", gt=0, or_values=("full",))
+    aggregation: str = option("auto", "client weights p_i: ∝ |D_i| (size) or uniform; auto = size if federated",
+                              choices=("auto", "size", "uniform"))
+    optimizer: str = option("sgd", "client optimizer", choices=CLIENT_OPTIMIZERS)
+    weight_decay: float = option(0.0, "client weight decay", ge=0)
+    mu: float = option(0.01, "FedProx μ", ge=0)
+    server_optimizer: str = option("auto", "federated server step; auto follows algorithm.name",
+                                   choices=("auto", *SERVER_OPTIMIZERS))
+    server_momentum: float = option(0.9, "server optimizer β1", ge=0, lt=1)
+    server_beta2: float = option(0.99, "server optimizer β2", ge=0, lt=1)
+    server_tau: float = option(1e-3, "server optimizer τ (adaptivity)", ge=0)
+    gossip: str = option("atc", "DSGD order: adapt-then-combine or combine-then-adapt", choices=("atc", "cta"))
 
 
 @dataclass
 class TopologyConfig:
-    graph: str = "ring"
-    weights: str = "metropolis"
-    er_p: float = 0.0  # 0 = 2 ln(n)/n
-    matrix: str = ""  # path to a user-given mixing matrix (.npy / .csv)
+    graph: str = option("ring", "a named graph (distdpo.topology.GRAPHS) or an edge-list file")
+    weights: str = option("metropolis", "mixing-matrix weights", choices=MIXING_WEIGHTS)
+    er_p: float = option(0.0, "Erdős–Rényi edge probability (0 = 2 ln(n)/n)", ge=0)
+    matrix: str = option("", "path to a user-given mixing matrix (.npy / .csv)")
 
 
 @dataclass
 class EngineConfig:
-    name: str = "simulation"
-    device: str = "cpu"  # cpu | cuda | auto
-    dtype: str = "float32"  # float32 | float64
-    eval_every: int = 1
-    sparse_mix: str = "auto"  # auto | dense | sparse
-    progress: bool = True
-    # Engine "flower" (checkpoint_* may serve other engines too).
-    checkpoint_every: int = 0  # save global model + server state every N rounds (0 = never)
-    checkpoint_dir: str = ""  # checkpoints go to <checkpoint_dir>/<run label>/; an existing one is resumed
-    dp_clip: float = 0.0  # Flower's DP fixed clipping of client updates (0 = off)
-    dp_noise: float = 0.0  # Gaussian noise multiplier of that DP wrapper
-    dp_side: str = "server"  # server | client: where the clipping happens
-    flower_cpus: int = 0  # CPUs Ray may use in Flower's simulation (0 = all)
-    flower_timeout: float = 600.0  # seconds to wait for SuperNodes and their replies
+    name: str = option("simulation", "the engine that runs the algorithm", choices=tuple(ENGINES))
+    device: str = option("cpu", "where tensors live", choices=("cpu", "cuda", "auto"))
+    dtype: str = option("float32", "dtype parameters are trained, sent and counted in", choices=("float32", "float64"))
+    eval_every: int = option(1, "evaluate every k rounds", gt=0)
+    sparse_mix: str = option("auto", "simulator gossip as dense or sparse W @ X", choices=("auto", "dense", "sparse"))
+    progress: bool = option(True, "progress bar (on terminals)")
+    # Every engine: checkpoints.
+    checkpoint_every: int = option(0, "save the run's state every N rounds (0 = never)", ge=0)
+    checkpoint_dir: str = option("", "checkpoints go to <checkpoint_dir>/<run label>/; an existing one is resumed")
+    # Engine "flower".
+    dp_clip: float = option(0.0, "Flower's DP fixed clipping of client updates (0 = off)", ge=0, engine="flower")
+    dp_noise: float = option(0.0, "Gaussian noise multiplier of that DP wrapper", ge=0, engine="flower")
+    dp_side: str = option("server", "where the DP clipping happens", choices=("server", "client"), engine="flower")
+    flower_cpus: int = option(0, "CPUs Ray may use in Flower's simulation (0 = all)", ge=0, engine="flower")
+    flower_timeout: float = option(600.0, "seconds to wait for SuperNodes and their replies", gt=0, engine="flower")
     # Engine "torchdist" (torch.distributed ranks, launched with torchrun / distdpo launch).
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
-    timeout_s: float = 60.0  # a rank silent this long fails the job, naming the rank
+    backend: str = option("auto", "process-group backend; auto = nccl on CUDA, gloo on CPU",
+                          choices=("auto", "gloo", "nccl"), engine="torchdist")
+    timeout_s: float = option(60.0, "a rank silent this long fails the job, naming the rank", gt=0, engine="torchdist")
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = option(0, "seeds data, client sampling and minibatches")
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -138,41 +210,21 @@ class Config:
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name not in ("seed", "sweep")}
 
-CHOICES = {
-    "data.format": ("auto", "trl", "hh-rlhf", "pandalm", "shp", "ultrafeedback"),
-    "data.on_error": ("raise", "skip"),
-    "data.pandalm_mode": ("votes", "majority"),
-    "data.partition": ("iid", "dirichlet", "natural", "quantity"),
-    "policy.kind": ("loglinear", "mlp", "causal_lm"),
-    "policy.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
-    "algorithm.name": ALGORITHMS,
-    "algorithm.aggregation": ("auto", "size", "uniform"),
-    "algorithm.optimizer": ("sgd", "adamw"),
-    "algorithm.server_optimizer": ("auto", "sgd", "avgm", "adagrad", "adam", "yogi"),
-    "algorithm.gossip": ("atc", "cta"),
-    "topology.weights": ("metropolis", "max_degree", "lazy_metropolis", "lazy_max_degree"),
-    "engine.name": ("simulation", "flower", "torchdist"),
-    "engine.backend": ("auto", "gloo", "nccl"),
-    "engine.dp_side": ("server", "client"),
-    "engine.device": ("cpu", "cuda", "auto"),
-    "engine.dtype": ("float32", "float64"),
-    "engine.sparse_mix": ("auto", "dense", "sparse"),
-}
-POSITIVE = {
-    "data.num_clients", "data.pairs_per_client", "data.eval_pairs_per_client", "data.dim", "policy.beta",
-    "policy.hidden_size", "policy.max_length", "policy.lora_alpha", "policy.tokenizer_vocab_size",
-    "data.dirichlet_alpha", "data.quantity_alpha", "data.loss_pairs_per_client", "algorithm.rounds", "algorithm.local_steps", "algorithm.lr", "algorithm.server_lr",
-    "engine.eval_every", "engine.flower_timeout", "engine.timeout_s",
-}
-NONNEGATIVE = {
-    "data.size_skew", "data.heterogeneity", "data.label_noise", "data.reward_scale", "data.reference_scale",
-    "policy.label_smoothing", "policy.lora_r", "policy.lora_dropout", "data.max_pairs", "data.eval_fraction",
-    "algorithm.clients_per_round", "algorithm.staleness", "algorithm.weight_decay",
-    "algorithm.mu", "algorithm.server_momentum", "algorithm.server_beta2", "algorithm.server_tau", "topology.er_p",
-    "engine.checkpoint_every", "engine.dp_clip", "engine.dp_noise", "engine.flower_cpus",
-}
 
-BELOW_ONE = {"data.eval_fraction", "policy.lora_dropout", "algorithm.server_momentum", "algorithm.server_beta2"}
+def _keys() -> dict[str, dataclasses.Field]:
+    out = {f.name: f for f in dataclasses.fields(Config) if f.name == "seed"}
+    for section, cls in SECTIONS.items():
+        out.update({f"{section}.{f.name}": f for f in dataclasses.fields(cls)})
+    return out
+
+
+KEYS: dict[str, dataclasses.Field] = _keys()  # "algorithm.lr" → its field; the metadata says what it accepts
+
+
+def default(key: str) -> Any:
+    """The default value of config key ``key`` (``"algorithm.lr"``)."""
+    f = KEYS[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _suggest(name: str, options) -> str:
@@ -180,13 +232,39 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check ``value`` against the type of the field's default and the key's constraints."""
-    if key == "algorithm.batch_size":
-        if value == "full" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            return value
-        raise ConfigError(f"{key} must be a positive integer or \"full\", got {value!r}")
-    kind = type(default)
+_BOUNDS = {"gt": lambda v, limit: v > limit, "ge": lambda v, limit: v >= limit, "lt": lambda v, limit: v < limit}
+
+
+def _bound(which: str, limit: float) -> str:
+    """How a bound reads in a message: ``gt=0`` → "positive", ``ge=0`` → "non-negative", ``lt=1`` → "below 1"."""
+    if which == "gt":
+        return "positive" if limit == 0 else f"greater than {limit}"
+    if which == "ge":
+        return "non-negative" if limit == 0 else f"at least {limit}"
+    return f"below {limit}"
+
+
+def _bound_words(spec: Mapping) -> list[str]:
+    return [_bound(which, spec[which]) for which in _BOUNDS if spec[which] is not None]
+
+
+def _coerce(key: str, value: Any, spec: Mapping) -> Any:
+    """Check ``value`` against the metadata ``spec`` of key ``key`` (see :func:`option`); return it as stored."""
+    alternatives = spec["or_values"]
+    if not alternatives:
+        return _check(key, value, spec)
+    if isinstance(value, str) and value in alternatives:
+        return value
+    try:
+        return _check(key, value, spec)
+    except ConfigError:
+        kind = {int: "integer", float: "number"}.get(spec["type"], spec["type"].__name__)
+        alts = " or ".join(f'"{v}"' for v in alternatives)
+        raise ConfigError(f"{key} must be a {' '.join([*_bound_words(spec), kind])} or {alts}, got {value!r}") from None
+
+
+def _check(key: str, value: Any, spec: Mapping) -> Any:
+    kind = spec["type"]
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -203,14 +281,14 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{key} must be a string, got {value!r}")
     elif kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise ConfigError(f"{key} must be a list of strings, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key} must be one of {', '.join(map(repr, CHOICES[key]))}, got {value!r}{_suggest(str(value), CHOICES[key])}")
-    if key in POSITIVE and not value > 0:
-        raise ConfigError(f"{key} must be positive, got {value!r}")
-    if key in NONNEGATIVE and not value >= 0:
-        raise ConfigError(f"{key} must be non-negative, got {value!r}")
-    if key in BELOW_ONE and not value < 1:
-        raise ConfigError(f"{key} must be below 1, got {value!r}")
+    choices = spec["choices"]
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+                          f"{_suggest(str(value), choices)}")
+    for which, holds in _BOUNDS.items():
+        limit = spec[which]
+        if limit is not None and not holds(value, limit):
+            raise ConfigError(f"{key} must be {_bound(which, limit)}, got {value!r}")
     return value
 
 
@@ -219,16 +297,15 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     if len(parts) == 1:
         if key != "seed":
             raise ConfigError(f"unknown config key {key!r}{_suggest(key, ['seed', *SECTIONS])}")
-        cfg.seed = _coerce(key, value, 0)
+        cfg.seed = _coerce(key, value, KEYS[key].metadata)
         return
     section, name = parts[0], ".".join(parts[1:])
     if section not in SECTIONS:
         raise ConfigError(f"unknown config section {section!r} in key {key!r}{_suggest(section, SECTIONS)}")
-    obj = getattr(cfg, section)
-    names = [f.name for f in dataclasses.fields(obj)]
-    if name not in names:
+    if key not in KEYS:
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
         raise ConfigError(f"unknown config key {key!r}{_suggest(name, names)}")
-    setattr(obj, name, _coerce(key, value, getattr(type(obj)(), name)))
+    setattr(getattr(cfg, section), name, _coerce(key, value, KEYS[key].metadata))
 
 
 def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -304,18 +381,21 @@ def expand(cfg: Config) -> dict[str, Config]:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single key's type cannot express."""
+    """Checks that involve several keys (a single key's own values are checked by :func:`_coerce`)."""
     a, d = cfg.algorithm, cfg.data
+    spec = ALGORITHM_SPECS[a.name]
     if a.clients_per_round > d.num_clients:
-        raise ConfigError(f"algorithm.clients_per_round = {a.clients_per_round} exceeds data.num_clients = {d.num_clients}")
-    if a.name in DECENTRALIZED and a.aggregation == "size":
+        raise ConfigError(f"algorithm.clients_per_round = {a.clients_per_round} exceeds "
+                          f"data.num_clients = {d.num_clients}")
+    if spec.family == "decentralized" and a.aggregation == "size":
         raise ConfigError(
             "algorithm.aggregation = 'size' is impossible for decentralized algorithms: gossip with a doubly "
             "stochastic W minimizes the uniform average of the clients' losses (use 'auto' or 'uniform')"
         )
-    if a.name in ("scaffold", "gradient_tracking") and a.optimizer != "sgd":
-        raise ConfigError(f"algorithm.optimizer = {a.optimizer!r}: {a.name} needs 'sgd' (its corrections assume SGD steps)")
-    if cfg.engine.name == "flower" and (a.name not in FEDERATED or a.staleness):
+    if spec.sgd_only and a.optimizer != "sgd":
+        raise ConfigError(f"algorithm.optimizer = {a.optimizer!r}: {a.name} needs 'sgd' "
+                          "(its corrections assume SGD steps)")
+    if cfg.engine.name == "flower" and (spec.family != "federated" or a.staleness):
         raise ConfigError(
             f"engine.name = 'flower' runs the federated algorithms ({', '.join(FEDERATED)}) without staleness, got "
             f"algorithm.name = {a.name!r}, algorithm.staleness = {a.staleness} (Flower's strategies apply the returned "
@@ -323,24 +403,18 @@ def validate(cfg: Config) -> None:
         )
     if cfg.engine.checkpoint_every and not cfg.engine.checkpoint_dir:
         raise ConfigError("engine.checkpoint_every > 0 needs engine.checkpoint_dir (where checkpoints are written)")
-    if a.staleness and a.name not in FEDERATED:
+    if a.staleness and spec.family != "federated":
         raise ConfigError(f"algorithm.staleness applies to federated algorithms, not {a.name!r}")
-    if d.label_noise >= 0.5:
-        raise ConfigError(f"data.label_noise must be below 0.5, got {d.label_noise}")
     if cfg.policy.label_smoothing and cfg.policy.loss_type in ("hinge", "ipo"):
         raise ConfigError(
             f"policy.label_smoothing = {cfg.policy.label_smoothing} has no meaning for policy.loss_type = "
             f"{cfg.policy.loss_type!r}; it applies to 'sigmoid' (cDPO) and 'robust' (set it to 0 or change the loss)"
         )
-    if a.name == "gradient_tracking" and a.gossip != "atc":
+    if spec.tracking and a.gossip != "atc":
         raise ConfigError(
             "algorithm.gossip = 'cta' is for DSGD; gradient tracking mixes its parameters and its tracker in one "
             "adapt-then-combine step (leave algorithm.gossip = 'atc')"
         )
-    if cfg.policy.label_smoothing >= 0.5:
-        raise ConfigError(f"policy.label_smoothing must be below 0.5, got {cfg.policy.label_smoothing}")
-    if d.num_actions < 2:
-        raise ConfigError(f"data.num_actions must be at least 2, got {d.num_actions}")
     text = d.source != "synthetic"
     if text != (cfg.policy.kind == "causal_lm"):
         raise ConfigError(
@@ -350,8 +424,6 @@ def validate(cfg: Config) -> None:
     if text and cfg.policy.max_length < 8:
         raise ConfigError(f"policy.max_length = {cfg.policy.max_length} cannot hold a prompt token and a completion: "
                           "use at least 8 (tokens of prompt + completion)")
-    if not d.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction must be below 1, got {d.eval_fraction}")
     if d.partition in ("dirichlet", "natural") and text and not d.label_column:
         raise ConfigError(f"data.partition = {d.partition!r} needs data.label_column (the column to split by)")
     if cfg.topology.er_p > 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+from distdpo.config import LOSS_TYPES  # kept with the config (importable without torch)
 
 
 def check_loss_type(loss_type: str, label_smoothing: float = 0.0) -> None:

@@ -129,7 +129,7 @@ class Recorder:
             out["solver"] = self.optimum.describe()  # method, converged, certificate (and a note)
             if self.optimum.note:
                 out["f_star_note"] = self.optimum.note  # why there is no f★, or why it is approximate
-        if getattr(self.task, "data_stats", None):
+        if self.task.data_stats:
             out["data_stats"] = self.task.data_stats  # dropped / skipped / truncated counts of text data
         if self.topology is not None:
             out["topology"] = self.topology.describe()

@@ -59,7 +59,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from distdpo.policies import LogLinearPolicy
 
 __all__ = [
     "smoothness_bound", "hessian_top_eigenvalue", "hessian_top_eigenpair_fd", "hessian_eigenvalues", "heterogeneity", "grad_noise",
@@ -81,15 +80,13 @@ def _curvature_sup(task) -> float | None:
 
 def _pair_second_moment(task, weights: torch.Tensor) -> torch.Tensor:
     """M = Σ_i p_i (1/N_i) Σ_j w_ij z_ij z_ijᵀ over the task's (padded, weighted) pairs."""
-    z = task._pairs64  # [n, N, d]: z = φ_w − φ_l for the log-linear policy
-    scale = task._weight64 / task.client_sizes.to(torch.float64)[:, None]  # [n, N], 0 on padding
-    coef = weights.to(torch.float64)[:, None] * scale
-    return torch.einsum("nk,nkd,nke->de", coef, z, z)
+    z, _, w = task.margin_features(weights)  # z = φ_w − φ_l per pair (the margin is linear in θ), w its weight
+    return (z * w[:, None]).T @ z
 
 
 def smoothness_bound(task, weights: torch.Tensor) -> float | None:
     """Closed-form L ≥ λ_max(∇²f(θ)) for every θ (log-linear policy); None if no bound applies."""
-    if not isinstance(getattr(task, "policy", None), LogLinearPolicy):
+    if not task.convex:  # the log-linear policy: only then is the margin linear in θ
         return None
     sup = _curvature_sup(task)
     if sup is None:

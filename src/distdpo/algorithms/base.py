@@ -27,6 +27,22 @@ class Communicator(Protocol):
         """Gossip: rows of W_t @ X for the local rows (``values`` holds all local rows)."""
 
 
+class Algorithm(Protocol):
+    """What every algorithm (federated, decentralized, centralized, and the Flower server) offers an engine."""
+
+    def global_params(self) -> torch.Tensor:
+        """θ̄: the model the metrics evaluate (the server's model, or the nodes' mean)."""
+
+    def run_round(self, round_index: int) -> dict[str, float]:
+        """One communication round; returns its statistics (``bytes`` sent, drift, consensus distances)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything a resumed run needs to continue bit for bit."""
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
 def node_mean(comm: Communicator, X: torch.Tensor) -> torch.Tensor:
     """θ̄ = (1/n) Σ_i θ_i."""
     return comm.aggregate(X, torch.full((X.shape[0],), 1.0 / comm.num_nodes, dtype=X.dtype, device=X.device))

@@ -21,6 +21,18 @@ def sample_clients(generator: torch.Generator, num_clients: int, clients_per_rou
     return torch.randperm(num_clients, generator=generator)[:clients_per_round].sort().values
 
 
+def federated_round_bytes(num_sampled: int, num_params: int, itemsize: int, scaffold: bool) -> int:
+    """Bytes one federated round sends: the model down and the update up per sampled client; SCAFFOLD adds one
+    vector down (c, or c − c_i) and none up, since c_i's change (θ − θ_i,K)/(Kη) − c follows from what came up."""
+    return (3 if scaffold else 2) * num_sampled * num_params * itemsize
+
+
+def scaffold_controls(c: torch.Tensor, c_local: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+                      local_steps: int, lr: float) -> torch.Tensor:
+    """SCAFFOLD's new client control variates (Karimireddy et al., Option II): c_i⁺ = c_i − c + (θ_start − θ_K)/(Kη)."""
+    return c_local - c + (start - end) / (local_steps * lr)
+
+
 class Federated:
     """FedAvg-DPO and its relatives on the rows ``comm`` holds.
 
@@ -111,13 +123,12 @@ class Federated:
         n_s = len(sampled)
         stats = {"client_drift": float(self.comm.aggregate(drift[:, None], torch.full_like(drift, 1 / n_s))[0])}
         if self.scaffold:
-            # Option II of Karimireddy et al.: c_i⁺ = c_i − c + (θ_start − θ_K)/(Kη); c tracks Σ p_i c_i.
-            new_c = self.c_local[rows] - self.c + (start - X) / (self.K * self.optimizer.lr)
+            # c tracks Σ p_i c_i
+            new_c = scaffold_controls(self.c, self.c_local[rows], start, X, self.K, self.optimizer.lr)
             dc = self.comm.aggregate(new_c - self.c_local[rows], self.weights[nodes] / self.weights.sum())
             self.c_local[rows] = new_c
             self.c = self.c + dc
         self.theta = self.server.step(self.theta, update)
         self.history = (self.history + [self.theta])[-(self.staleness + 1):]
-        messages = 2 * n_s * (2 if self.scaffold else 1)  # download + upload (and SCAFFOLD's c, Δc)
-        stats["bytes"] = messages * self.theta.numel() * self.itemsize
+        stats["bytes"] = federated_round_bytes(n_s, self.theta.numel(), self.itemsize, self.scaffold)
         return stats

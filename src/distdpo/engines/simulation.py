@@ -41,13 +41,10 @@ class SimulatedCommunicator:
 
 def run(cfg, label: str, cache, *, progress: bool = True):
     """Train one configuration in this process; returns (metric rows, summary entry)."""
-    import time
-
-    from tqdm.auto import tqdm
-
-    from distdpo import build, faults
+    from distdpo import build
     from distdpo.checkpoint import RunCheckpoint
-    from distdpo.metrics import Recorder, evaluated
+    from distdpo.engines.loop import train_rounds
+    from distdpo.metrics import Recorder
 
     task = cache.task(cfg)
     weights = build.client_weights(cfg, task.client_sizes)
@@ -56,26 +53,6 @@ def run(cfg, label: str, cache, *, progress: bool = True):
     comm = SimulatedCommunicator(task.num_clients, topology, sparse=sparse, dtype=build.torch_dtype(cfg), device=build.device(cfg))
     algo = build.build_algorithm(cfg, task, comm, topology, weights)
     rec = Recorder(cfg, label, task, weights, topology, cache.optimum(cfg, task, weights))
-    ckpt = RunCheckpoint(cfg, label, fingerprint=task.fingerprint())  # continues from engine.checkpoint_dir/<label> when it holds one
-    start, wall, _ = ckpt.restore(algo, rec)
-    if start == 0:
-        rec.record(0, algo.global_params(), {}, 0.0)
-    rounds = cfg.algorithm.rounds
-    show = progress and cfg.engine.progress
-    bar = tqdm(range(start + 1, rounds + 1), desc=label, leave=False, disable=None if show else True, unit="round")
-    for r in bar:
-        faults.inject(0, r)
-        t0 = time.perf_counter()
-        stats = algo.run_round(r - 1)
-        if comm.device.type == "cuda":
-            torch.cuda.synchronize()
-        wall += time.perf_counter() - t0
-        if evaluated(cfg, r):
-            row = rec.record(r, algo.global_params(), stats, wall)
-            bar.set_postfix(loss=f"{row['global_loss']:.4f}")
-        else:
-            rec.skip(stats)
-        if ckpt.due(r):
-            ckpt.save(r, algo, rec, wall)
-    bar.close()
-    return rec.rows, rec.summary(algo.global_params())
+    ckpt = RunCheckpoint(cfg, label, fingerprint=cache.fingerprint(cfg))  # continues from engine.checkpoint_dir/<label>
+    theta = train_rounds(cfg, label, algo, rec, ckpt, progress=progress, device=comm.device)
+    return rec.rows, rec.summary(theta)

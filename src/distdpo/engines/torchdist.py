@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from distdpo import build, faults
 from distdpo.config import Config, ConfigError
+from distdpo.engines.loop import RoundHooks, train_rounds
 from distdpo.topology import Topology
 
 # ---------------------------------------------------------------- process group
@@ -281,12 +282,43 @@ class TorchDistCommunicator:
 # ---------------------------------------------------------------- the engine
 
 
+class _RankHooks(RoundHooks):
+    """A rank's part around each round: fault injection, the heartbeat, and the per-rank communication columns."""
+
+    def __init__(self, ctl: Control, comm: TorchDistCommunicator):
+        self.ctl, self.comm, self.rank, self.round = ctl, comm, ctl.rank, 0
+        self.pending = torch.zeros(2, dtype=torch.float64)  # comm seconds and bytes since the last row
+
+    def before_round(self, round_index: int) -> None:
+        self.round = round_index
+        faults.inject(self.rank, round_index)
+        self.ctl.heartbeat()
+        self.comm.reset_counters()
+
+    def after_round(self, stats: dict[str, float]) -> None:
+        self.pending += torch.tensor([self.comm.comm_time_s, float(self.comm.bytes_sent)], dtype=torch.float64)
+
+    def row_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        per_rank = self.ctl.gather(self.pending)
+        self.pending = torch.zeros(2, dtype=torch.float64)
+        P = self.ctl.world_size
+        return {**stats, **{f"comm_time_s/rank{q}": float(per_rank[q, 0]) for q in range(P)},
+                **{f"comm_bytes/rank{q}": int(per_rank[q, 1]) for q in range(P)}}
+
+    def stop_everywhere(self, diverged: bool) -> bool:
+        return bool(self.ctl.broadcast(diverged))  # rank 0 evaluates; its word holds on every rank
+
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]:
+        return {"pending_comm": self.pending}
+
+    def restore_extra(self, extra: dict[str, torch.Tensor]) -> None:
+        self.pending = extra.get("pending_comm", self.pending)
+
+
 def run(cfg: Config, label: str, cache, *, progress: bool = True):
     """Train one configuration on this job's ranks; rank 0 returns (metric rows, summary), others ([], {})."""
-    from tqdm.auto import tqdm
-
     from distdpo.checkpoint import RunCheckpoint
-    from distdpo.metrics import Recorder, RunDiverged, evaluated
+    from distdpo.metrics import Recorder
 
     init(cfg)
     ctl = _CONTROL
@@ -302,52 +334,15 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
     rec = None
     if me == 0:  # f★ (a Newton solve) and evaluation happen on rank 0 only
         rec = Recorder(cfg, label, task, weights, topology, cache.optimum(cfg, task, weights), extra_columns=columns)
-    ckpt = RunCheckpoint(cfg, label, ctl, fingerprint=task.fingerprint())
-    start, wall, extra = ckpt.restore(algo, rec)
-    pending = extra.get("pending_comm", torch.zeros(2, dtype=torch.float64))  # comm time, bytes since last row
-    rounds = cfg.algorithm.rounds
-    r = start
+    ckpt = RunCheckpoint(cfg, label, ctl, fingerprint=cache.fingerprint(cfg))
+    hooks = _RankHooks(ctl, comm)
     try:
         ctl.heartbeat(max(ctl.timeout_s, 600.0))  # setup: rank 0 may spend a while on f★
-        theta = algo.global_params()
-        if start == 0 and rec is not None:
-            rec.record(0, theta, {}, 0.0)
-        show = me == 0 and progress and cfg.engine.progress
-        bar = tqdm(range(start + 1, rounds + 1), desc=label, leave=False, disable=None if show else True, unit="round")
-        for r in bar:
-            faults.inject(me, r)
-            ctl.heartbeat()
-            comm.reset_counters()
-            t0 = time.perf_counter()
-            stats = algo.run_round(r - 1)
-            if comm.device.type == "cuda":
-                torch.cuda.synchronize()
-            wall += time.perf_counter() - t0
-            pending += torch.tensor([comm.comm_time_s, float(comm.bytes_sent)], dtype=torch.float64)
-            if evaluated(cfg, r):
-                theta = algo.global_params()
-                per_rank = ctl.gather(pending)
-                pending = torch.zeros(2, dtype=torch.float64)
-                diverged = None
-                if rec is not None:
-                    stats = {**stats, **{f"comm_time_s/rank{q}": float(per_rank[q, 0]) for q in range(P)},
-                             **{f"comm_bytes/rank{q}": int(per_rank[q, 1]) for q in range(P)}}
-                    try:
-                        row = rec.record(r, theta, stats, wall)
-                        bar.set_postfix(loss=f"{row['global_loss']:.4f}")
-                    except RunDiverged as e:
-                        diverged = e
-                if ctl.broadcast(diverged is not None):  # rank 0 evaluates; every rank stops at the same round
-                    raise diverged or RunDiverged([], {})
-            elif rec is not None:
-                rec.skip(stats)
-            if ckpt.due(r):
-                ckpt.save(r, algo, rec, wall, {"pending_comm": pending})
-        bar.close()
+        theta = train_rounds(cfg, label, algo, rec, ckpt, hooks, progress=progress, device=comm.device)
     except CommError as e:
         if P == 1:
             raise
-        failure = ctl.failure(r, e)
+        failure = ctl.failure(hooks.round, e)
         if failure is None:
             raise
         raise failure from None

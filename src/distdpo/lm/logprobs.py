@@ -8,10 +8,19 @@ and chosen and rejected come out of the same forward pass. Each completion
 token is predicted from the logits of the position before it in its own
 branch (the first of both from the prompt's last token), so the result equals
 two ordinary forward passes exactly (up to float round-off).
+
+Packing relies on the architecture honouring position_ids and a custom 4-D
+mask; where it does not (ALiBi models, flash attention, a sliding window shorter
+than the packed rows, unknown types) the pairs go through two ordinary
+right-padded forwards of the model instead, and through one unpadded forward
+per sequence for a model whose outputs depend on padding.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -121,14 +130,112 @@ def pack(pairs: TokenizedPairs, indices: list[int], pad_id: int) -> PackedBatch:
     return PackedBatch(input_ids, position_ids, segments, torch.cat(predict), torch.cat(targets), torch.cat(owner), real)
 
 
+# Architectures (config.model_type) whose body honours custom position_ids and a 4-D additive mask under eager or
+# SDPA attention, and whose logits are the LM head of the last hidden state up to `_postprocess_logits`; each is
+# checked against a plain forward in tests/test_logprobs_architectures.py. Others (ALiBi: Bloom, MPT, Falcon with
+# alibi; local attention under another name: GPT-Neo; unknown types) take the padded path.
+PACKABLE_MODEL_TYPES = frozenset({
+    "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+    "granite", "granitemoe", "cohere", "cohere2", "phi", "phi3", "gpt_neox", "olmo", "olmo2", "stablelm", "falcon",
+    "starcoder2", "opt", "gptj", "codegen", "smollm3",
+})
+PACKABLE_ATTENTION = ("eager", "sdpa")  # flash attention takes no 4-D mask, flex attention a BlockMask
+
+# How `pair_logps` computes, fastest first; a model gets the first that agreed with plain forwards on first use.
+PACKED, PADDED, LOOP = "packed", "padded", "loop"
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformers model -> PACKED | PADDED | LOOP
+
+
+def unwrap(model):
+    """The transformers model under a `peft` wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _text_config(model):
+    config = unwrap(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def backbone_and_head(model):
     """The transformer body and the LM head of a causal LM (a `peft` wrapper is looked through)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
 
 
-def pair_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log π(chosen|prompt) and log π(rejected|prompt) of every pair, ``[B]`` each, in float32."""
+def _postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """What the architecture's own forward does to ``head(hidden)``: Cohere's scale, Granite's divisor, Gemma 2/3's cap."""
+    if (scale := getattr(config, "logit_scale", None)) is not None:
+        logits = logits * scale
+    if (divisor := getattr(config, "logits_scaling", None)) is not None:
+        logits = logits / divisor
+    if (cap := getattr(config, "final_logit_softcapping", None)) is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def packing_supported(model) -> bool:
+    """Whether the architecture and attention implementation admit the packed layout at all."""
+    config = _text_config(model)
+    return (config.model_type in PACKABLE_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in PACKABLE_ATTENTION
+            and not getattr(config, "alibi", False))  # Falcon's ALiBi variant ignores position_ids
+
+
+def logp_path(model, batch: PackedBatch) -> str:
+    """How `pair_logps` computes this batch: PACKED, PADDED (two right-padded forwards per pair) or LOOP (one
+    unpadded forward per sequence). On a model's first use each candidate is checked on one pair of ``batch``
+    against plain forwards; a packed model still pads a batch whose rows reach its sliding window (a custom 4-D
+    mask replaces the window, and packing stretches distances)."""
+    inner = unwrap(model)
+    if inner not in _checked:
+        _checked[inner] = _self_check(model, batch)
+    path = _checked[inner]
+    window = _sliding_window(model)
+    return PADDED if path == PACKED and window and batch.input_ids.shape[1] >= window else path
+
+
+def _sliding_window(model) -> int | None:
+    config = _text_config(model)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return window or None  # Qwen2-MoE writes 0 for "no window"
+
+
+@torch.no_grad()
+def _self_check(model, batch: PackedBatch) -> str:
+    """The fastest path whose log-probs of the batch's first pair (completions made unequal in length, so that
+    padding occurs) agree with unpadded forwards, in eval mode and the model's own dtype."""
+    seg, ids = batch.segments[0].cpu(), batch.input_ids[0].cpu()
+    p, c, r = ids[seg == 0], ids[seg == 1], ids[seg == 2]
+    if window := _sliding_window(model):  # the packed check pair must fit in the window
+        n = max(1, (window - 1) // 3)
+        p, c, r = p[-n:], c[:n], r[:n]
+    if len(c) == len(r) and len(r) > 1:
+        r = r[:-1]
+    one = pack(TokenizedPairs([p], [c], [r]), [0], pad_id=0).to(batch.input_ids.device)
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    tol = (5e-2 if half else 1e-3) * (len(c) + len(r))  # per completion token
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # dropout would make any two differ
+    try:
+        plain = torch.stack(_loop_logps(model, one, None))
+        candidates = ([PACKED] if packing_supported(model) else []) + [PADDED]
+        for path in candidates:
+            try:
+                error = float((torch.stack(_PATHS[path](model, one, None)) - plain).abs().max())
+                if error <= tol:  # False for NaN too
+                    return path
+                why = f"off by {error:.3g} nats"
+            except Exception as e:  # noqa: BLE001 - e.g. a transformers version that rejects a 4-D mask
+                why = f"{type(e).__name__}: {e}"
+            warnings.warn(f"{path} log-probs of model_type {_text_config(model).model_type!r} disagree with plain "
+                          f"forwards ({why}); using a slower path", RuntimeWarning)
+        return LOOP
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _packed_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None):
     device = batch.input_ids.device
     mask_dtype = autocast_dtype or next(model.parameters()).dtype
     body, head = backbone_and_head(model)
@@ -137,10 +244,69 @@ def pair_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None = N
                       attention_mask=batch.attention_mask(mask_dtype), use_cache=False).last_hidden_state
         # The LM head only where a completion token is predicted: prompt positions need no vocabulary logits.
         flat = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predict_from)).float()
+    flat = _postprocess_logits(flat, _text_config(model))
     token_logps = torch.log_softmax(flat, dim=-1).gather(1, batch.targets[:, None]).squeeze(1)
     B = batch.input_ids.shape[0]
     sums = torch.zeros(2 * B, dtype=token_logps.dtype, device=device).index_add(0, batch.owner, token_logps)
     return sums[0::2], sums[1::2]
+
+
+def _unpacked(batch: PackedBatch):
+    """Rows prompt+chosen (0..B-1) then prompt+rejected (B..2B-1), right-padded with token 0; prompt and full
+    lengths ``[2B, 1]``."""
+    seg = batch.segments
+    T = seg.shape[1]
+    lp, lc, lr = ((seg == s).sum(1) for s in range(3))
+    prompt = torch.cat([lp, lp])[:, None]
+    lengths = torch.cat([lp + lc, lp + lr])[:, None]
+    j = torch.arange(int(lengths.max()), device=seg.device)[None]
+    skip = torch.cat([torch.zeros_like(lc), lc])[:, None]  # a rejected row jumps over the chosen tokens
+    src = torch.where(j < prompt, j, j + skip).clamp(max=T - 1)
+    ids = torch.where(j < lengths, batch.input_ids.repeat(2, 1).gather(1, src), 0)
+    return ids, prompt, lengths
+
+
+def _padded_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None):
+    """Two ordinary right-padded sequences per pair through ``model(...)``, so that its own positions, mask
+    handling, head and logit post-processing apply."""
+    ids, prompt, lengths = _unpacked(batch)
+    B, L, device = batch.input_ids.shape[0], ids.shape[1], ids.device
+    # Position t predicts token t + 1: no logits are needed before the shortest prompt's last token.
+    first = int(prompt.min()) - 1
+    kwargs = {"logits_to_keep": L - first} if "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters else {}
+    attention_mask = (torch.arange(L, device=device)[None] < lengths).long()
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+    logits = logits[:, logits.shape[1] - (L - first):]  # positions first .. L-1, whether or not it kept only those
+    t = torch.arange(first, L - 1, device=device)[None]
+    rows, cols = ((t >= prompt - 1) & (t < lengths - 1)).nonzero(as_tuple=True)
+    token_logps = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, ids[rows, first + cols + 1][:, None]).squeeze(1)
+    sums = torch.zeros(2 * B, dtype=token_logps.dtype, device=device).index_add(0, rows, token_logps)
+    return sums[:B], sums[B:]
+
+
+def _loop_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None):
+    """One unpadded ``model(input_ids)`` forward per sequence: for models whose outputs depend on padding."""
+    ids, prompt, lengths = _unpacked(batch)
+    out = []
+    for row, lp, n in zip(ids, prompt[:, 0].tolist(), lengths[:, 0].tolist()):
+        with torch.autocast(ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(input_ids=row[None, :n], use_cache=False).logits[0, lp - 1 : n - 1]
+        out.append(torch.log_softmax(logits.float(), dim=-1).gather(1, row[lp:n, None]).sum())
+    sums = torch.stack(out)
+    B = batch.input_ids.shape[0]
+    return sums[:B], sums[B:]
+
+
+_PATHS = {PACKED: _packed_logps, PADDED: _padded_logps, LOOP: _loop_logps}
+
+
+def pair_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log π(chosen|prompt) and log π(rejected|prompt) of every pair, ``[B]`` each, in float32.
+
+    They equal what ``model(prompt + completion).logits`` gives; `logp_path` says how they are computed.
+    """
+    return _PATHS[logp_path(model, batch)](model, batch, autocast_dtype)
 
 
 @torch.no_grad()

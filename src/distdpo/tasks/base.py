@@ -25,10 +25,11 @@ class Batch:
 
 
 class Task(Protocol):
+    """What training needs: the algorithms call nothing else."""
+
     num_clients: int
     num_params: int
     client_sizes: torch.Tensor  # [n] long
-    convex: bool
 
     def initial_params(self) -> torch.Tensor:
         """The starting parameter vector ``[p]`` (the reference policy's)."""
@@ -39,8 +40,43 @@ class Task(Protocol):
     def loss_and_grad(self, X: torch.Tensor, nodes: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row loss ``[m]`` and gradient ``[m, p]`` of row k under client ``nodes[k]``'s batch."""
 
+    def pooled(self, weights: torch.Tensor) -> "Task":
+        """All clients' data as one client, each pair weighted so that its loss is Σ weights_i f_i."""
+
+
+class MeasuredTask(Task, Protocol):
+    """What measurement needs: the recorder, the warnings, checkpoints and the theory's data-driven estimates."""
+
+    convex: bool  # f★ exists and the convex theory applies (log-linear policy)
+    device: torch.device
+    client_names: list[str]
+    data_stats: dict  # what loading the data dropped, skipped or truncated ({} for generated data)
+
     def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
         """Metrics of one model (global loss f = Σ weights_i f_i, held-out accuracies, …)."""
 
-    def pooled(self, weights: torch.Tensor) -> "Task":
-        """All clients' data as one client, each pair weighted so that its loss is Σ weights_i f_i."""
+    def held_out_sizes(self) -> list[int]:
+        """Held-out pairs per client."""
+
+    def full_gradient(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """∇f(θ), the gradient that :meth:`evaluate` reports."""
+
+    def grad_noise(self, theta: torch.Tensor) -> float:
+        """σ²: the variance of a one-pair stochastic gradient."""
+
+    def fingerprint(self) -> dict[str, str]:
+        """``{"data": …, "model": …}`` hashes of what the task trains on (see :mod:`distdpo.fingerprint`)."""
+
+
+class ConvexTask(MeasuredTask, Protocol):
+    """What the convex theory and the exact solvers need (the log-linear policy)."""
+
+    beta: float
+    loss_type: str
+    label_smoothing: float
+
+    def objective(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """f(θ) in float64, differentiable."""
+
+    def margin_features(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, b, w)``: margins h = Aθ − b and f(θ) = Σ_k w_k ℓ(h_k)."""

@@ -47,6 +47,8 @@ class FeatureTask:
             pairs, sizes, weight = _train
         self.client_sizes = sizes
         self.num_clients = len(sizes)
+        self.client_names = [f"client{i}" for i in range(self.num_clients)]
+        self.data_stats: dict = {}  # generated data: nothing dropped or truncated
         mask = torch.arange(pairs.shape[1])[None, :] < sizes[:, None]
         self._pairs64 = pairs
         self._weight64 = weight * mask  # padding has weight 0
@@ -116,6 +118,13 @@ class FeatureTask:
         X = theta.detach().to(torch.float64).cpu().expand(self.num_clients, -1)
         scale = self._weight64 / self.client_sizes.to(torch.float64)[:, None]
         return self._loss_and_grad(X, self._pairs64, self._ref_log_odds64, scale)
+
+    def held_out_sizes(self) -> list[int]:
+        return self.data.eval_sizes.tolist()
+
+    def full_gradient(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """∇f(θ) = Σ_i weights_i ∇f_i(θ), full batch, float64."""
+        return weights.to(torch.float64) @ self.client_losses_and_grads(theta)[1]
 
     def objective(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """f(θ) = Σ_i weights_i f_i(θ), float64 and differentiable (for the centralized solver)."""

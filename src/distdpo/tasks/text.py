@@ -46,8 +46,12 @@ class TextTask:
         loss_pairs_per_client: int = 16,
         eval_chunk: int = 16,
         pair_weight: list[np.ndarray] | None = None,
+        reference: torch.Tensor | None = None,
+        initial: torch.Tensor | None = None,
     ):
         self.policy, self.pairs = policy, pairs
+        self.device = policy.device
+        self.data_stats: dict = {}  # what loading dropped, skipped and truncated (set by the builder)
         self.train = [torch.as_tensor(np.asarray(t), dtype=torch.long) for t in train]
         self.eval = [torch.as_tensor(np.asarray(e), dtype=torch.long) for e in eval]
         self.client_names = list(client_names)
@@ -64,11 +68,12 @@ class TextTask:
         for i, size in enumerate(self.client_sizes.tolist()):
             weight[i, :size] = 1.0 if pair_weight is None else torch.as_tensor(pair_weight[i], dtype=torch.float64)
         self.weight = weight
-        self._ref = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64)
+        # Reference log-probs per pair, filled on first use (a task built from another shares its tensor).
+        self._ref = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64) if reference is None else reference
         # IPO on sequences uses per-token mean log-probs (as TRL and the IPO paper's LM use); the others use sums.
         self._per_token = loss_type == "ipo"
         self._lengths = torch.tensor([[len(c), len(r)] for c, r in zip(pairs.chosen, pairs.rejected)], dtype=torch.float64)
-        self._initial = policy.get_flat()
+        self._initial = policy.get_flat() if initial is None else initial
         self._tokens, self._seconds, self._counting = 0, 0.0, True
 
     # ---- what the algorithms use -------------------------------------------------
@@ -122,13 +127,12 @@ class TextTask:
         """One client with every training pair, each weighted so that its mean loss is Σ_i weights_i f_i."""
         total = int(self.client_sizes.sum())
         w = [np.full(len(t), float(weights[i]) * total / len(t)) for i, t in enumerate(self.train)]
-        task = TextTask.__new__(TextTask)
-        task.__dict__.update(self.__dict__)
-        task.train = [torch.cat(self.train)]
-        task.client_sizes = torch.tensor([total])
-        task.num_clients = 1
-        task.weight = torch.as_tensor(np.concatenate(w))[None]
-        return task
+        return TextTask(
+            self.policy, self.pairs, [torch.cat(self.train)], [torch.cat(self.eval)], ["pooled"], beta=self.beta,
+            loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            loss_pairs_per_client=self.loss_pairs_per_client, eval_chunk=self.eval_chunk,
+            pair_weight=[np.concatenate(w)], reference=self._ref, initial=self._initial,
+        )
 
     def fingerprint(self) -> dict[str, str]:
         """What this task trains on: the tokenized pairs and the partition (data), the starting model (model)."""
@@ -187,6 +191,9 @@ class TextTask:
         finally:
             self._counting = True
         return losses.double(), grads.double().cpu()
+
+    def held_out_sizes(self) -> list[int]:
+        return [len(e) for e in self.eval]
 
     def full_gradient(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """∇f(θ) = Σ_i p_i ∇f_i(θ) on the fixed loss pairs, the gradient that :meth:`evaluate` reports."""

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from distdpo import build
-from distdpo.algorithms.federated import sample_clients
+from distdpo.algorithms.federated import federated_round_bytes, sample_clients
 from distdpo.checkpoint import RunCheckpoint
 from distdpo.config import Config, ConfigError
 from distdpo.engines.flower import common as C
@@ -74,69 +74,64 @@ def discover_partitions(grid: Grid, config_text: str, num_clients: int, timeout:
 
 def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) -> tuple[list[dict], dict]:
     """Run one configuration over ``grid``; returns (metric rows, summary entry) like the simulator."""
-    from tqdm.auto import tqdm
+    from distdpo.engines.loop import train_rounds
+    from distdpo.metrics import Recorder
 
-    from distdpo.metrics import Recorder, evaluated
-
-    a, e = cfg.algorithm, cfg.engine
     task = cache.task(cfg)
-    n, dtype = task.num_clients, build.torch_dtype(cfg)
     weights = build.client_weights(cfg, task.client_sizes)
-    text = C.config_text(cfg)
-    node_of = discover_partitions(grid, text, n, e.flower_timeout)
-    S = a.clients_per_round or n
-    strategy = make_strategy(cfg, task, weights, S)
-    if isinstance(strategy, Scaffold):
-        strategy.node_partition = {node: pid for pid, node in node_of.items()}
-    bs = build.batch_size(cfg)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the simulator's minibatch generator
-    sample_gen = torch.Generator().manual_seed(cfg.seed + 2)  # and its client-sampling generator
+    server = FlowerServer(grid, cfg, task, weights)
     rec = Recorder(cfg, label, task, weights, None, cache.optimum(cfg, task, weights))
-    state = ServerState(task.initial_params().to(dtype), data_gen, sample_gen, strategy)
-    ckpt = RunCheckpoint(cfg, label, fingerprint=task.fingerprint())  # the simulator's checkpoints: continues from engine.checkpoint_dir/<label>
-    done, wall, _ = ckpt.restore(state, rec)
-    if done == 0:
-        rec.record(0, state.theta, {}, 0.0)
-    first = done + 1
-    per_round = (3 if a.name == "scaffold" else 2) * S * task.num_params * state.theta.element_size()  # θ down+up (+ c − c_i)
-    show = progress and e.progress
-    bar = tqdm(range(first, a.rounds + 1), desc=label, leave=False, disable=None if show else True, unit="round")
-    for r in bar:
-        t0 = time.perf_counter()
-        sampled = sample_clients(sample_gen, n, S)
-        config = ConfigRecord({C.CONFIG: text, C.RNG_STATE: C.rng_to_bytes(data_gen)})
+    ckpt = RunCheckpoint(cfg, label, fingerprint=cache.fingerprint(cfg))  # continues from engine.checkpoint_dir/<label>
+    theta = train_rounds(cfg, label, server, rec, ckpt, progress=progress)
+    return rec.rows, rec.summary(theta)
+
+
+class FlowerServer:
+    """The server side of a federated run over a Flower grid, as an :class:`~distdpo.algorithms.base.Algorithm`.
+
+    Each round it samples clients with the simulator's generator, sends them the model through the strategy,
+    and aggregates their replies; its state (model, generators, strategy arrays) is one state dict.
+    """
+
+    def __init__(self, grid: Grid, cfg: Config, task, weights: torch.Tensor):
+        a, e = cfg.algorithm, cfg.engine
+        self.grid, self.cfg, self.task = grid, cfg, task
+        self.n, self.dtype = task.num_clients, build.torch_dtype(cfg)
+        self.text = C.config_text(cfg)
+        self.node_of = discover_partitions(grid, self.text, self.n, e.flower_timeout)
+        self.partition_of = {node: pid for pid, node in self.node_of.items()}
+        self.S = a.clients_per_round or self.n
+        self.strategy = make_strategy(cfg, task, weights, self.S)
+        if isinstance(self.strategy, Scaffold):
+            self.strategy.node_partition = self.partition_of
+        self.batch_size = build.batch_size(cfg)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the simulator's minibatch generator
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed + 2)  # and its client-sampling generator
+        self.theta = task.initial_params().to(self.dtype)
+
+    def global_params(self) -> torch.Tensor:
+        return self.theta
+
+    def run_round(self, round_index: int) -> dict[str, float]:
+        a, r = self.cfg.algorithm, round_index + 1
+        sampled = sample_clients(self.sample_gen, self.n, self.S)
+        config = ConfigRecord({C.CONFIG: self.text, C.RNG_STATE: C.rng_to_bytes(self.data_gen)})
         if a.name == "fedprox":
             config["proximal-mu"] = a.mu  # FedProx's key; set here too when a server optimizer replaces FedProx
         for _ in range(a.local_steps):  # advance past the batches the clients draw from that state
-            task.sample_batch(data_gen, bs)
-        messages = list(strategy.configure_train(r, C.to_record(theta=state.theta), config,
-                                                 SampledGrid(grid, [node_of[int(i)] for i in sampled])))
-        replies = list(grid.send_and_receive(messages, timeout=e.flower_timeout))
-        _raise_errors(replies, [m.metadata.dst_node_id for m in messages], f"round {r}",
-                      {node: pid for pid, node in node_of.items()}, getattr(task, "client_names", None))
-        arrays, _ = strategy.aggregate_train(r, replies)
+            self.task.sample_batch(self.data_gen, self.batch_size)
+        messages = list(self.strategy.configure_train(r, C.to_record(theta=self.theta), config,
+                                                      SampledGrid(self.grid, [self.node_of[int(i)] for i in sampled])))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.engine.flower_timeout))
+        _raise_errors(replies, [m.metadata.dst_node_id for m in messages], f"round {r}", self.partition_of,
+                      self.task.client_names)
+        arrays, _ = self.strategy.aggregate_train(r, replies)
         if arrays is None:
             raise RuntimeError(f"round {r}: the strategy returned no model")
-        state.theta = C.from_record(arrays, C.THETA, dtype, task.device)
+        self.theta = C.from_record(arrays, C.THETA, self.dtype, self.task.device)
         drift = sum(float(m.content["metrics"][C.DRIFT]) for m in replies) / len(replies)
-        stats = {"client_drift": drift, "bytes": per_round}
-        wall += time.perf_counter() - t0
-        if evaluated(cfg, r):
-            row = rec.record(r, state.theta, stats, wall)
-            bar.set_postfix(loss=f"{row['global_loss']:.4f}")
-        else:
-            rec.skip(stats)
-        if ckpt.due(r):
-            ckpt.save(r, state, rec, wall)
-    bar.close()
-    return rec.rows, rec.summary(state.theta)
-
-
-class ServerState:
-    """What a Flower server carries between rounds, as one state dict for :class:`RunCheckpoint`."""
-
-    def __init__(self, theta: torch.Tensor, data_gen: torch.Generator, sample_gen: torch.Generator, strategy):
-        self.theta, self.data_gen, self.sample_gen, self.strategy = theta, data_gen, sample_gen, strategy
+        sent = federated_round_bytes(len(sampled), self.task.num_params, self.theta.element_size(), a.name == "scaffold")
+        return {"client_drift": drift, "bytes": sent}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"theta": self.theta, "rng.data": self.data_gen.get_state(), "rng.sample": self.sample_gen.get_state(),

@@ -27,8 +27,9 @@ from flwr.serverapp.strategy import (
 )
 
 from distdpo import build
+from distdpo.algorithms.federated import scaffold_controls
 from distdpo.algorithms.optim import ServerOptimizer
-from distdpo.config import Config, ConfigError
+from distdpo.config import ALGORITHM_SPECS, Config, ConfigError, resolve_server_optimizer
 from distdpo.engines.flower import common as C
 
 
@@ -103,7 +104,7 @@ class Scaffold(FedAvg):
         start = self.theta.expand_as(X)
         p = torch.tensor([float(m.content["metrics"][C.NUM_EXAMPLES]) for m in valid], dtype=self.dtype)
         update = (p / p.sum()) @ (X - start)
-        new_c = self.c_local[parts] - self.c + (start - X) / (self.K * self.lr)
+        new_c = scaffold_controls(self.c, self.c_local[parts], start, X, self.K, self.lr)
         self.c = self.c + self.weights[parts] @ (new_c - self.c_local[parts])
         self.c_local[parts] = new_c
         theta = self.server.step(self.theta, update)
@@ -117,38 +118,45 @@ class Scaffold(FedAvg):
         self.c, self.c_local = tensors["c"].to(self.dtype), tensors["c_local"].to(self.dtype)
 
 
-def server_optimizer_name(cfg: Config) -> str:
-    a = cfg.algorithm
-    return a.server_optimizer if a.server_optimizer != "auto" else build.SERVER_OPTIMIZER_OF.get(a.name, "sgd")
-
-
 def make_strategy(cfg: Config, task, weights: torch.Tensor, num_sampled: int) -> Strategy:
-    """The Flower strategy for ``cfg.algorithm`` (optionally wrapped in Flower's DP fixed clipping)."""
+    """The Flower strategy for ``cfg.algorithm`` (optionally wrapped in Flower's DP fixed clipping).
+
+    The algorithm's entry in ``config.ALGORITHM_SPECS`` picks it: SCAFFOLD's control variates, FedProx's
+    proximal term, else the server step (``algorithm.server_optimizer``, or the algorithm's own for "auto").
+    """
     a, e = cfg.algorithm, cfg.engine
+    spec = ALGORITHM_SPECS[a.name]
     # Sampling happens before the strategy sees the grid (SampledGrid): take every node it is shown.
-    common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_sampled, min_available_nodes=num_sampled)
-    opt = server_optimizer_name(cfg)
-    if a.name == "scaffold":
+    common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": num_sampled,
+              "min_available_nodes": num_sampled}
+    opt = resolve_server_optimizer(a)
+    adaptive = {"eta": a.server_lr, "eta_l": a.lr, "tau": a.server_tau, **common}
+    if spec.scaffold:
         if opt != "sgd":
-            raise ConfigError(f"algorithm.server_optimizer = {a.server_optimizer!r}: engine 'flower' runs SCAFFOLD with the sgd server step")
+            raise ConfigError(f"algorithm.server_optimizer = {a.server_optimizer!r}: engine 'flower' runs SCAFFOLD "
+                              "with the sgd server step")
         strategy: Strategy = Scaffold(num_clients=task.num_clients, num_params=task.num_params, weights=weights,
                                       local_steps=a.local_steps, lr=a.lr, server_lr=a.server_lr,
                                       dtype=build.torch_dtype(cfg), **common)
     elif opt == "sgd" and a.server_lr == 1.0:
-        strategy = FedProx(proximal_mu=a.mu, **common) if a.name == "fedprox" else FedAvg(**common)
+        strategy = FedProx(proximal_mu=a.mu, **common) if spec.prox else FedAvg(**common)
     elif opt in ("sgd", "avgm"):
-        strategy = FedAvgM(server_learning_rate=a.server_lr, server_momentum=a.server_momentum if opt == "avgm" else 0.0, **common)
+        strategy = FedAvgM(server_learning_rate=a.server_lr,
+                           server_momentum=a.server_momentum if opt == "avgm" else 0.0, **common)
     elif opt == "adam":
-        strategy = FedAdam(eta=a.server_lr, eta_l=a.lr, beta_1=a.server_momentum, beta_2=a.server_beta2, tau=a.server_tau, **common)
+        strategy = FedAdam(beta_1=a.server_momentum, beta_2=a.server_beta2, **adaptive)
     elif opt == "yogi":
-        strategy = FedYogi(eta=a.server_lr, eta_l=a.lr, beta_1=a.server_momentum, beta_2=a.server_beta2, tau=a.server_tau, **common)
+        strategy = FedYogi(beta_1=a.server_momentum, beta_2=a.server_beta2, **adaptive)
     else:  # adagrad
-        strategy = FedAdagrad(eta=a.server_lr, eta_l=a.lr, tau=a.server_tau, **common)
+        strategy = FedAdagrad(**adaptive)
     if e.dp_clip > 0:
-        if a.name == "scaffold":
-            raise ConfigError("engine.dp_clip: Flower's DP clipping wrappers do not apply to SCAFFOLD's control variates")
-        wrapper = DifferentialPrivacyServerSideFixedClipping if e.dp_side == "server" else DifferentialPrivacyClientSideFixedClipping
-        strategy = wrapper(strategy, noise_multiplier=e.dp_noise, clipping_norm=e.dp_clip, num_sampled_clients=num_sampled)
+        if spec.scaffold:
+            raise ConfigError("engine.dp_clip: Flower's DP clipping wrappers do not apply to SCAFFOLD's control "
+                              "variates")
+        wrapper = (DifferentialPrivacyServerSideFixedClipping if e.dp_side == "server"
+                   else DifferentialPrivacyClientSideFixedClipping)
+        strategy = wrapper(strategy, noise_multiplier=e.dp_noise, clipping_norm=e.dp_clip,
+                           num_sampled_clients=num_sampled)
     return strategy
 
 
