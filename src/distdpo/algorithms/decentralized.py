@@ -51,7 +51,7 @@ class Decentralized:
         self.X = theta0.expand(len(comm.local_nodes), -1).clone()
         self.nodes = comm.local_nodes.to(self.X.device)
         if tracking:
-            self.C = torch.zeros_like(self.X)
+            self.correction = torch.zeros_like(self.X)
         self.itemsize = self.X.element_size()
 
     def global_params(self) -> torch.Tensor:
@@ -61,7 +61,7 @@ class Decentralized:
         """What a resumed run needs to continue bit for bit (this engine part's rows only)."""
         state = {"X": self.X, "rng.data": self.data_gen.get_state()}
         if self.tracking:
-            state["C"] = self.C
+            state["correction"] = self.correction
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -70,13 +70,13 @@ class Decentralized:
         self.X = state["X"].to(self.X)
         self.data_gen.set_state(state["rng.data"])
         if self.tracking:
-            self.C = state["C"].to(self.X)
+            self.correction = state["correction"].to(self.X)
 
     def _local(self, X: torch.Tensor):
         return local_steps(
             self.task, X, self.nodes, self.K, self.optimizer,
             lambda: self.task.sample_batch(self.data_gen, self.batch_size),
-            correction=self.C if self.tracking else None, track_direction=self.tracking,
+            correction=self.correction if self.tracking else None, track_direction=self.tracking,
         )
 
     def run_round(self, round_index: int) -> dict[str, float]:
@@ -93,7 +93,7 @@ class Decentralized:
                 p = Z.shape[1]
                 mixed = self.comm.mix(torch.cat([Z, D], dim=1), round_index)  # one message: params + tracker
                 self.X = mixed[:, :p]
-                self.C = self.C + mixed[:, p:] - D
+                self.correction = self.correction + mixed[:, p:] - D
             else:
                 self.X = self.comm.mix(Z, round_index)
             stats["consensus_distance_after_gossip"] = consensus_distance(self.comm, self.X)

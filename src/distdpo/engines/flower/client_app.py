@@ -16,19 +16,19 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from distdpo import build
 from distdpo.algorithms.base import local_steps
 from distdpo.algorithms.optim import ClientOptimizer
-from distdpo.engines.flower import common as C
+from distdpo.engines.flower import common as wire
 
 
 def _partition(context: Context, task) -> int:
     try:
-        pid = int(context.node_config[C.PARTITION])
+        pid = int(context.node_config[wire.PARTITION])
     except KeyError:
         raise ValueError(
-            f"this SuperNode has no '{C.PARTITION}' in its node config; start it with "
-            f"--node-config \"{C.PARTITION}=<i> {C.NUM_PARTITIONS}=<n>\""
+            f"this SuperNode has no '{wire.PARTITION}' in its node config; start it with "
+            f"--node-config \"{wire.PARTITION}=<i> {wire.NUM_PARTITIONS}=<n>\""
         ) from None
     if not 0 <= pid < task.num_clients:
-        raise ValueError(f"{C.PARTITION} = {pid} but the distdpo config has {task.num_clients} clients (0..{task.num_clients - 1})")
+        raise ValueError(f"{wire.PARTITION} = {pid} but the distdpo config has {task.num_clients} clients (0..{task.num_clients - 1})")
     return pid
 
 
@@ -51,11 +51,11 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which client this node is and how much data it holds."""
-    text = msg.content["config"][C.CONFIG]
-    cfg, task = C.config_from_text(text), C.task_for(text)
+    text = msg.content["config"][wire.CONFIG]
+    cfg, task = wire.config_from_text(text), wire.task_for(text)
     pid = _partition(context, task)
-    metrics = MetricRecord({C.PARTITION: pid, C.NUM_PARTITIONS: int(context.node_config.get(C.NUM_PARTITIONS, -1)),
-                            C.NUM_EXAMPLES: _num_examples(cfg, task, pid)})
+    metrics = MetricRecord({wire.PARTITION: pid, wire.NUM_PARTITIONS: int(context.node_config.get(wire.NUM_PARTITIONS, -1)),
+                            wire.NUM_EXAMPLES: _num_examples(cfg, task, pid)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -64,14 +64,14 @@ def train(msg: Message, context: Context) -> Message:
     """K local steps from the received θ; returns θ_K (Flower's strategies aggregate models)."""
     torch.set_num_threads(1)  # one client per CPU: Ray/SuperNodes run clients side by side
     config: ConfigRecord = msg.content["config"]
-    text = config[C.CONFIG]
-    cfg, task = C.config_from_text(text), C.task_for(text)
+    text = config[wire.CONFIG]
+    cfg, task = wire.config_from_text(text), wire.task_for(text)
     pid = _partition(context, task)
     dtype = build.torch_dtype(cfg)
     arrays = msg.content["arrays"]
-    theta = C.from_record(arrays, C.THETA, dtype, task.device)
-    correction = C.from_record(arrays, C.CORRECTION, dtype, task.device)[None] if C.CORRECTION in arrays else None
-    gen = C.rng_from_bytes(config[C.RNG_STATE])
+    theta = wire.from_record(arrays, wire.THETA, dtype, task.device)
+    correction = wire.from_record(arrays, wire.CORRECTION, dtype, task.device)[None] if wire.CORRECTION in arrays else None
+    gen = wire.rng_from_bytes(config[wire.RNG_STATE])
     a = cfg.algorithm
     bs = build.batch_size(cfg)
     X, drift, _ = local_steps(
@@ -79,5 +79,5 @@ def train(msg: Message, context: Context) -> Message:
         ClientOptimizer(a.optimizer, a.lr, a.weight_decay), lambda: task.sample_batch(gen, bs),
         correction=correction, prox_mu=float(config.get("proximal-mu", 0.0)),
     )
-    metrics = MetricRecord({C.NUM_EXAMPLES: _num_examples(cfg, task, pid), C.DRIFT: float(drift[0]), C.PARTITION: pid})
-    return Message(RecordDict({"arrays": C.to_record(theta=X[0]), "metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({wire.NUM_EXAMPLES: _num_examples(cfg, task, pid), wire.DRIFT: float(drift[0]), wire.PARTITION: pid})
+    return Message(RecordDict({"arrays": wire.to_record(theta=X[0]), "metrics": metrics}), reply_to=msg)

@@ -21,7 +21,7 @@ from distdpo import build
 from distdpo.algorithms.federated import federated_round_bytes, sample_clients
 from distdpo.checkpoint import RunCheckpoint
 from distdpo.config import Config, ConfigError
-from distdpo.engines.flower import common as C
+from distdpo.engines.flower import common as wire
 from distdpo.engines.flower.strategies import Scaffold, SampledGrid, load_strategy_state, make_strategy, strategy_state
 from distdpo.faults import RankFailure
 
@@ -57,18 +57,18 @@ def discover_partitions(grid: Grid, config_text: str, num_clients: int, timeout:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(nodes)} of {num_clients} SuperNodes connected within {timeout:.0f} s")
         time.sleep(0.1)
-    content = RecordDict({"config": ConfigRecord({C.CONFIG: config_text})})
+    content = RecordDict({"config": ConfigRecord({wire.CONFIG: config_text})})
     replies = list(grid.send_and_receive([Message(content, node, "query") for node in nodes], timeout=timeout))
     _raise_errors(replies, nodes, "partition discovery")
     node_of: dict[int, int] = {}
     for m in replies:
-        pid = int(m.content["metrics"][C.PARTITION])
+        pid = int(m.content["metrics"][wire.PARTITION])
         if pid in node_of:
-            raise RuntimeError(f"two SuperNodes ({node_of[pid]}, {m.metadata.src_node_id}) claim {C.PARTITION} = {pid}")
+            raise RuntimeError(f"two SuperNodes ({node_of[pid]}, {m.metadata.src_node_id}) claim {wire.PARTITION} = {pid}")
         node_of[pid] = m.metadata.src_node_id
     missing = sorted(set(range(num_clients)) - set(node_of))
     if missing:
-        raise RuntimeError(f"no SuperNode serves {C.PARTITION} {missing} (the config has {num_clients} clients)")
+        raise RuntimeError(f"no SuperNode serves {wire.PARTITION} {missing} (the config has {num_clients} clients)")
     return node_of
 
 
@@ -97,7 +97,7 @@ class FlowerServer:
         a, e = cfg.algorithm, cfg.engine
         self.grid, self.cfg, self.task = grid, cfg, task
         self.n, self.dtype = task.num_clients, build.torch_dtype(cfg)
-        self.text = C.config_text(cfg)
+        self.text = wire.config_text(cfg)
         self.node_of = discover_partitions(grid, self.text, self.n, e.flower_timeout)
         self.partition_of = {node: pid for pid, node in self.node_of.items()}
         self.S = a.clients_per_round or self.n
@@ -115,12 +115,12 @@ class FlowerServer:
     def run_round(self, round_index: int) -> dict[str, float]:
         a, r = self.cfg.algorithm, round_index + 1
         sampled = sample_clients(self.sample_gen, self.n, self.S)
-        config = ConfigRecord({C.CONFIG: self.text, C.RNG_STATE: C.rng_to_bytes(self.data_gen)})
+        config = ConfigRecord({wire.CONFIG: self.text, wire.RNG_STATE: wire.rng_to_bytes(self.data_gen)})
         if a.name == "fedprox":
             config["proximal-mu"] = a.mu  # FedProx's key; set here too when a server optimizer replaces FedProx
         for _ in range(a.local_steps):  # advance past the batches the clients draw from that state
             self.task.sample_batch(self.data_gen, self.batch_size)
-        messages = list(self.strategy.configure_train(r, C.to_record(theta=self.theta), config,
+        messages = list(self.strategy.configure_train(r, wire.to_record(theta=self.theta), config,
                                                       SampledGrid(self.grid, [self.node_of[int(i)] for i in sampled])))
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.engine.flower_timeout))
         _raise_errors(replies, [m.metadata.dst_node_id for m in messages], f"round {r}", self.partition_of,
@@ -128,8 +128,8 @@ class FlowerServer:
         arrays, _ = self.strategy.aggregate_train(r, replies)
         if arrays is None:
             raise RuntimeError(f"round {r}: the strategy returned no model")
-        self.theta = C.from_record(arrays, C.THETA, self.dtype, self.task.device)
-        drift = sum(float(m.content["metrics"][C.DRIFT]) for m in replies) / len(replies)
+        self.theta = wire.from_record(arrays, wire.THETA, self.dtype, self.task.device)
+        drift = sum(float(m.content["metrics"][wire.DRIFT]) for m in replies) / len(replies)
         sent = federated_round_bytes(len(sampled), self.task.num_params, self.theta.element_size(), a.name == "scaffold")
         return {"client_drift": drift, "bytes": sent}
 

@@ -30,7 +30,7 @@ from distdpo import build
 from distdpo.algorithms.federated import scaffold_controls
 from distdpo.algorithms.optim import ServerOptimizer
 from distdpo.config import ALGORITHM_SPECS, Config, ConfigError, resolve_server_optimizer
-from distdpo.engines.flower import common as C
+from distdpo.engines.flower import common as wire
 
 
 class SampledGrid(Grid):
@@ -85,12 +85,12 @@ class Scaffold(FedAvg):
         self.theta: torch.Tensor | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.theta = C.from_record(arrays, C.THETA, self.dtype)
+        self.theta = wire.from_record(arrays, wire.THETA, self.dtype)
         config["server-round"] = server_round
         messages = []
         for node_id in grid.get_node_ids():
             i = self.node_partition[node_id]
-            record = RecordDict({self.arrayrecord_key: C.to_record(theta=self.theta, correction=self.c - self.c_local[i]),
+            record = RecordDict({self.arrayrecord_key: wire.to_record(theta=self.theta, correction=self.c - self.c_local[i]),
                                  self.configrecord_key: config})
             messages.append(Message(content=record, message_type="train", dst_node_id=node_id))
         return messages
@@ -99,16 +99,16 @@ class Scaffold(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
-        parts = torch.tensor([int(m.content["metrics"][C.PARTITION]) for m in valid])
-        X = torch.stack([C.from_record(m.content["arrays"], C.THETA, self.dtype) for m in valid])
+        parts = torch.tensor([int(m.content["metrics"][wire.PARTITION]) for m in valid])
+        X = torch.stack([wire.from_record(m.content["arrays"], wire.THETA, self.dtype) for m in valid])
         start = self.theta.expand_as(X)
-        p = torch.tensor([float(m.content["metrics"][C.NUM_EXAMPLES]) for m in valid], dtype=self.dtype)
+        p = torch.tensor([float(m.content["metrics"][wire.NUM_EXAMPLES]) for m in valid], dtype=self.dtype)
         update = (p / p.sum()) @ (X - start)
         new_c = scaffold_controls(self.c, self.c_local[parts], start, X, self.K, self.lr)
         self.c = self.c + self.weights[parts] @ (new_c - self.c_local[parts])
         self.c_local[parts] = new_c
         theta = self.server.step(self.theta, update)
-        return C.to_record(theta=theta), self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return wire.to_record(theta=theta), self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
 
     # state for checkpoints
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -196,7 +196,7 @@ def load_strategy_state(strategy: Strategy, tensors: dict[str, torch.Tensor]) ->
         if kind == "dict":
             value = {k.split(".", 2)[2]: tensors[k].numpy() for k in keys}
             if name == "current_arrays" and isinstance(inner, FedAvgM):
-                value = C.to_record(**{k: torch.from_numpy(v) for k, v in value.items()})
+                value = wire.to_record(**{k: torch.from_numpy(v) for k, v in value.items()})
         else:
             value = [tensors[k].numpy() for k in sorted(keys, key=lambda k: int(k.split(".", 2)[2]))]
         setattr(inner, name, value)
