@@ -45,13 +45,12 @@ record (e.g. ``category``, ``domain``) are kept as columns.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from distdpo.data.readers import DataFormatError, Malformed, records
 
 FORMATS = ("auto", "trl", "hh-rlhf", "pandalm", "shp", "ultrafeedback")
 PANDALM_MODES = ("votes", "majority")
@@ -77,10 +76,6 @@ _KEY_SETS = {
     "hh-rlhf": ("chosen (dialogue starting '\\n\\nHuman:')", "rejected (dialogue)"),
     "trl": ("[prompt]", "chosen", "rejected"),
 }
-
-
-class DataFormatError(ValueError):
-    """A record or file that cannot be read as preference data; the message names file and line."""
 
 
 @dataclass
@@ -114,10 +109,6 @@ class TextPreferenceData:
             return self.columns[name]
         except KeyError:
             raise KeyError(f"no column {name!r}; available columns: {sorted(self.columns)}") from None
-
-
-class _Malformed(Exception):
-    """Raised by converters; turned into DataFormatError (or a skip) with the record's location."""
 
 
 # ---------------------------------------------------------------------------
@@ -186,10 +177,10 @@ def _role_name(role: str) -> str:
 
 def _check_messages(value: Any, name: str) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
-        raise _Malformed(f"field {name!r} must be a list of {{'role', 'content'}} messages")
+        raise Malformed(f"field {name!r} must be a list of {{'role', 'content'}} messages")
     for m in value:
         if not isinstance(m.get("role"), str) or "content" not in m:
-            raise _Malformed(f"field {name!r}: every message needs a string 'role' and a 'content'")
+            raise Malformed(f"field {name!r}: every message needs a string 'role' and a 'content'")
     return value
 
 
@@ -199,7 +190,7 @@ class _Renderer:
 
     def prompt(self, messages: list[dict], field_name: str) -> str:
         if any(not isinstance(m["content"], str) for m in messages):
-            raise _Malformed(f"field {field_name!r}: prompt message contents must be strings")
+            raise Malformed(f"field {field_name!r}: prompt message contents must be strings")
         if self.tokenizer is not None:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return render_chat_fallback(messages)
@@ -209,7 +200,7 @@ class _Renderer:
         if not messages:
             return ""
         if any(m["role"] != "assistant" for m in messages):
-            raise _Malformed(f"field {field_name!r}: the completion must be assistant message(s)")
+            raise Malformed(f"field {field_name!r}: the completion must be assistant message(s)")
         contents = [m["content"] for m in messages]
         if any(not isinstance(c, str) for c in contents):
             return next(c for c in contents if not isinstance(c, str))
@@ -224,7 +215,7 @@ class _Renderer:
 def _require(record: dict, *names: str, fmt: str) -> None:
     for name in names:
         if name not in record:
-            raise _Malformed(f"missing field {name!r} ({fmt} records need {', '.join(names)})")
+            raise Malformed(f"missing field {name!r} ({fmt} records need {', '.join(names)})")
 
 
 def _extras(record: dict, consumed: set[str]) -> dict:
@@ -263,7 +254,7 @@ def _trl(record: dict, ctx: _Context) -> list:
         )]
     if "prompt" in record:
         if not isinstance(prompt, str):
-            raise _Malformed(f"field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+            raise Malformed(f"field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
         return [(prompt, chosen, rejected, meta)]
     if not (isinstance(chosen, str) and isinstance(rejected, str)):
         return [(None, chosen, rejected, meta)]  # dropped as non-string
@@ -282,7 +273,7 @@ def _hh(record: dict, ctx: _Context) -> list:
     common = chosen[: _common_prefix_len(chosen, rejected)]
     cut = common.rfind(_ASSISTANT)
     if cut < 0:
-        raise _Malformed(f"HH dialogues share no {_ASSISTANT!r} turn, so no prompt can be split off")
+        raise Malformed(f"HH dialogues share no {_ASSISTANT!r} turn, so no prompt can be split off")
     cut += len(_ASSISTANT)
     # Conversation depth, a natural label to split clients by (HH has no user or topic column).
     meta = {**meta, "turns": chosen[:cut].count("\n\nHuman:")}
@@ -293,23 +284,23 @@ def _pandalm(record: dict, ctx: _Context) -> list:
     _require(record, "instruction", "response1", "response2", fmt="pandalm")
     instruction, extra = record["instruction"], record.get("input", "")
     if not isinstance(instruction, str):
-        raise _Malformed(f"field 'instruction' must be a string, got {type(instruction).__name__}")
+        raise Malformed(f"field 'instruction' must be a string, got {type(instruction).__name__}")
     if extra is None:
         extra = ""
     if not isinstance(extra, str):
-        raise _Malformed(f"field 'input' must be a string, got {type(extra).__name__}")
+        raise Malformed(f"field 'input' must be a string, got {type(extra).__name__}")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     annotators = sorted(
         (k for k in record if k.startswith("annotator") and k[len("annotator"):].isdigit()),
         key=lambda k: int(k[len("annotator"):]),
     )
     if not annotators:
-        raise _Malformed("missing field 'annotator1' (pandalm records need annotator1..N votes)")
+        raise Malformed("missing field 'annotator1' (pandalm records need annotator1..N votes)")
     votes = {}
     for name in annotators:
         v = record[name]
         if isinstance(v, bool) or v not in (0, 1, 2):
-            raise _Malformed(f"field {name!r} must be 0 (tie), 1 or 2, got {v!r}")
+            raise Malformed(f"field {name!r} must be 0 (tie), 1 or 2, got {v!r}")
         votes[name] = int(v)
     responses = {1: record["response1"], 2: record["response2"]}
     meta = _extras(record, {"instruction", "input", "response1", "response2", "motivation_app", *annotators})
@@ -335,18 +326,18 @@ def _number(record: dict, name: str) -> float | None:
     try:
         return float(v)
     except (TypeError, ValueError):
-        raise _Malformed(f"field {name!r} must be a number, got {v!r}") from None
+        raise Malformed(f"field {name!r} must be a number, got {v!r}") from None
 
 
 def _shp(record: dict, ctx: _Context) -> list:
     _require(record, "history", "human_ref_A", "human_ref_B", fmt="shp")
     history = record["history"]
     if not isinstance(history, str):
-        raise _Malformed(f"field 'history' must be a string, got {type(history).__name__}")
+        raise Malformed(f"field 'history' must be a string, got {type(history).__name__}")
     label, score_a, score_b = _number(record, "labels"), _number(record, "score_A"), _number(record, "score_B")
     have_scores = score_a is not None and score_b is not None
     if label is None and not have_scores:
-        raise _Malformed("missing field 'labels' (or both 'score_A' and 'score_B')")
+        raise Malformed("missing field 'labels' (or both 'score_A' and 'score_B')")
     if have_scores and score_a == score_b:
         return ["tie"]
     a_wins = label == 1 if label is not None else score_a > score_b
@@ -361,7 +352,7 @@ def _ultrafeedback(record: dict, ctx: _Context) -> list:
     r_msgs = _check_messages(record["rejected"], "rejected")
     for name, msgs in (("chosen", c_msgs), ("rejected", r_msgs)):
         if not msgs or msgs[-1]["role"] != "assistant":
-            raise _Malformed(f"field {name!r} must end with an assistant message")
+            raise Malformed(f"field {name!r} must end with an assistant message")
     meta = _extras(record, {"prompt", "chosen", "rejected", "messages"})
     sc, sr = _number(record, "score_chosen"), _number(record, "score_rejected")
     if sc is not None and sr is not None and sc == sr:
@@ -370,7 +361,7 @@ def _ultrafeedback(record: dict, ctx: _Context) -> list:
     if not context:
         prompt = record.get("prompt")
         if not isinstance(prompt, str):
-            raise _Malformed("missing field 'prompt' (needed when 'chosen' holds only the assistant turn)")
+            raise Malformed("missing field 'prompt' (needed when 'chosen' holds only the assistant turn)")
         context = [{"role": "user", "content": prompt}]
     return [(
         ctx.render.prompt(context, "chosen"),
@@ -387,150 +378,6 @@ _CONVERTERS = {"trl": _trl, "hh-rlhf": _hh, "pandalm": _pandalm, "shp": _shp, "u
 class _Context:
     render: _Renderer
     pandalm_mode: str
-
-
-# ---------------------------------------------------------------------------
-# readers: yield (location, record-or-_Malformed)
-
-_JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
-_TABLE_SUFFIXES = (".parquet", ".csv")
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise DataFormatError(f"{path}: cannot read the file ({e})") from None
-
-
-def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
-    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-    return f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {col} (save the file as UTF-8)"
-
-
-def _read_json_file(path: Path) -> Iterator[tuple[str, Any]]:
-    raw = _read_bytes(path)
-    start = len(raw) - len(raw.lstrip())
-    # only .json may hold one top-level list; a .jsonl line that is a list is a malformed record
-    if raw[start:start + 1] == b"[" and path.name.lower().endswith((".json", ".json.gz")):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:  # one JSON document: no record to skip, the file is refused
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataFormatError(f"{path}:{line}: {_not_utf8(raw, e)}") from None
-        yield from _read_json_list(path, text, len(text) - len(text.lstrip()))
-        return
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            yield f"{path}:{lineno}", _Malformed(_not_utf8(line, e))
-        except json.JSONDecodeError as e:
-            yield f"{path}:{lineno}", _Malformed(f"invalid JSON: {e.msg} (column {e.colno})")
-
-
-def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[str, Any]]:
-    """Elements of a top-level JSON list, each with the line it starts on.
-
-    A syntax error inside a list cannot be resynchronised, so it is always raised.
-    """
-    decoder = json.JSONDecoder()
-    pos, line, counted = start + 1, 1, 0
-
-    def skip_ws(p: int) -> int:
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    def fail(p: int, msg: str) -> DataFormatError:
-        return DataFormatError(f"{path}:{text.count(chr(10), 0, p) + 1}: invalid JSON: {msg}")
-
-    pos = skip_ws(pos)
-    if text[pos:pos + 1] == "]":
-        return
-    while True:
-        line += text.count("\n", counted, pos)
-        counted = pos
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise fail(e.pos, e.msg) from None
-        yield f"{path}:{line}", obj
-        pos = skip_ws(end)
-        sep = text[pos:pos + 1]
-        if sep == "]":
-            if text[skip_ws(pos + 1):].strip():
-                raise fail(pos + 1, "extra data after the closing ']'")
-            return
-        if sep != ",":
-            raise fail(pos, "expected ',' or ']' between list elements")
-        pos = skip_ws(pos + 1)
-
-
-def _rows_with_location(rows: Iterator[dict], where: str) -> Iterator[tuple[str, Any]]:
-    for i, row in enumerate(rows, 1):
-        yield f"{where}: row {i}", row
-
-
-def _read_table(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        if path.name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()  # nested message lists stay Python lists
-        else:
-            import pandas as pd
-
-            # keep "" as "" (an empty response), not NaN
-            rows = pd.read_csv(path, keep_default_na=False, encoding="utf-8").to_dict("records")
-    except UnicodeDecodeError as e:
-        raise DataFormatError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
-    except (ValueError, OSError) as e:  # pyarrow's and pandas' parse errors are ValueError subclasses
-        raise DataFormatError(f"{path}: cannot read the table ({type(e).__name__}: {e})") from None
-    return _rows_with_location(iter(rows), str(path))
-
-
-def _read_hub(source: str, split: str | None, max_records: int | None) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    from distdpo.hub import check_hub_id, offline
-
-    split = split or "train"
-    folder = Path(source).is_dir()
-    if not folder and not offline():
-        check_hub_id("data.source", source, "dataset")  # one quick request: no minute of retries when offline
-    try:
-        ds = datasets.load_dataset(source, split=split)
-    except Exception as e:  # datasets raises many kinds for a folder or id it cannot read
-        if folder:
-            raise DataFormatError(f"{source} is a directory that `datasets` cannot load ({type(e).__name__}: {e}); "
-                                  "give a preference file (.jsonl, .json, .parquet, .csv) or a dataset folder") from None
-        if offline():
-            check_hub_id("data.source", source, "dataset")  # says why: offline and not in the local cache
-        raise DataFormatError(f"{source}[{split}]: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
-    if max_records is not None and max_records < len(ds):
-        ds = ds.select(range(max_records))
-    return _rows_with_location(iter(ds), f"{source}[{split}]")
-
-
-def _records(source: str | os.PathLike, split: str | None, max_records: int | None) -> Iterator[tuple[str, Any]]:
-    path = Path(source)
-    if path.is_file():
-        name = path.name.lower()
-        if name.endswith(_JSON_SUFFIXES):
-            return _read_json_file(path)
-        if name.endswith(_TABLE_SUFFIXES):
-            return _read_table(path)
-        raise DataFormatError(f"{path}: unsupported file type; expected one of {', '.join(_JSON_SUFFIXES + _TABLE_SUFFIXES)}")
-    if not path.exists() and path.name.lower().endswith(_JSON_SUFFIXES + _TABLE_SUFFIXES):
-        raise FileNotFoundError(f"{path}: no such file")  # a typo'd path, not a hub id
-    # not a file: a Hugging Face dataset id, or a local dataset folder load_dataset understands
-    return _read_hub(os.fspath(source), split, max_records)
 
 
 # ---------------------------------------------------------------------------
@@ -573,21 +420,21 @@ def load_preferences(
     metas: list[dict] = []
     fmt = None if format == "auto" else format
 
-    for index, (where, record) in enumerate(_records(source, split, max_records)):
+    for index, (where, record) in enumerate(records(source, split, max_records)):
         if max_records is not None and index >= max_records:
             break
         stats["raw_records"] += 1
         try:
-            if isinstance(record, _Malformed):
+            if isinstance(record, Malformed):
                 raise record
             if not isinstance(record, dict):
-                raise _Malformed(f"expected an object (a dict of fields), got {type(record).__name__}")
+                raise Malformed(f"expected an object (a dict of fields), got {type(record).__name__}")
             if fmt is None:
                 fmt = _detect(record)
                 if fmt is None:
                     raise DataFormatError(f"{where}: {_undetectable(record)}")
             outcomes = _CONVERTERS[fmt](record, ctx)
-        except _Malformed as e:
+        except Malformed as e:
             if on_error == "raise":
                 raise DataFormatError(f"{where}: {e}") from None
             stats["skipped_malformed"] += 1
