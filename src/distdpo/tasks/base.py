@@ -24,6 +24,18 @@ class Batch:
         return Batch(self.index[nodes], self.scale[nodes])
 
 
+def client_metrics(losses: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+    """f = Σ p_i f_i, ‖∇f‖², ζ² = (1/n) Σ ‖∇f_i − ∇f‖² and the worst f_i, from every client's loss and gradient."""
+    w = weights.to(torch.float64)
+    full = w @ grads
+    return {
+        "global_loss": float(w @ losses),
+        "grad_norm_sq": float(full @ full),
+        "heterogeneity": float(((grads - full) ** 2).sum(1).mean()),
+        "worst_client_loss": float(losses.max()),
+    }
+
+
 class Task(Protocol):
     """What training needs: the algorithms call nothing else."""
 

@@ -8,7 +8,7 @@ from distdpo.data.synthetic import FeaturePreferenceData
 from distdpo.fingerprint import digest
 from distdpo.losses import dpo_loss, margin_loss
 from distdpo.policies import FeaturePolicy, LogLinearPolicy
-from distdpo.tasks.base import Batch
+from distdpo.tasks.base import Batch, client_metrics
 
 
 class FeatureTask:
@@ -157,15 +157,7 @@ class FeatureTask:
         return float(var.mean())
 
     def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
-        losses, grads = self.client_losses_and_grads(theta)
-        w = weights.to(torch.float64)
-        full_grad = w @ grads
-        out = {
-            "global_loss": float(w @ losses),
-            "grad_norm_sq": float(full_grad @ full_grad),
-            "heterogeneity": float(((grads - full_grad) ** 2).sum(1).mean()),
-            "worst_client_loss": float(losses.max()),
-        }
+        out = client_metrics(*self.client_losses_and_grads(theta), weights)
         out.update(self.held_out_metrics(theta))
         return out
 

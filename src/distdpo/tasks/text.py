@@ -22,7 +22,7 @@ from distdpo.io import write_bytes_atomic
 from distdpo.lm.logprobs import TokenizedPairs, pack
 from distdpo.lm.policy import CausalLMPolicy, cache_dir
 from distdpo.losses import dpo_loss, margin_loss
-from distdpo.tasks.base import Batch
+from distdpo.tasks.base import Batch, client_metrics
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +202,8 @@ class TextTask:
     def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
         """Global/per-client DPO loss and gradient on a fixed training subsample; held-out accuracies."""
         losses, grads = self._client_losses_and_grads(theta)
-        w = weights.to(torch.float64)
-        full = w @ grads
         out = {
-            "global_loss": float(w @ losses),
-            "grad_norm_sq": float(full @ full),
-            "heterogeneity": float(((grads - full) ** 2).sum(1).mean()),
-            "worst_client_loss": float(losses.max()),
+            **client_metrics(losses, grads, weights),
             "tokens_per_second": self._tokens / self._seconds if self._seconds else float("nan"),
         }
         self._tokens, self._seconds = 0, 0.0
