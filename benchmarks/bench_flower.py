@@ -32,12 +32,20 @@ def main() -> None:
     table = {
         "seed": 0,
         "data": {"num_clients": args.clients, "pairs_per_client": 200, "dim": args.dim, "num_actions": 8},
-        "algorithm": {"name": "fedavg", "rounds": args.rounds, "local_steps": args.local_steps, "lr": 0.5, "batch_size": 32},
+        "algorithm": {
+            "name": "fedavg",
+            "rounds": args.rounds,
+            "local_steps": args.local_steps,
+            "lr": 0.5,
+            "batch_size": 32,
+        },
         "engine": {"progress": False},
     }
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; job: FedAvg-DPO, n={args.clients}, d={args.dim}, "
-          f"K={args.local_steps}, B=32, R={args.rounds}, all clients every round")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; job: FedAvg-DPO, n={args.clients}, d={args.dim}, "
+        f"K={args.local_steps}, B=32, R={args.rounds}, all clients every round"
+    )
     run_one(from_dict(table, [("algorithm.rounds", 1)]), "warmup", Cache(), progress=False)  # first-call costs
     results = {}
     for engine in ("simulation", "flower"):
@@ -47,8 +55,10 @@ def main() -> None:
         total = time.perf_counter() - t0
         per_round = rows[-1]["wall_time_s"] / args.rounds
         results[engine] = (per_round, total, rows[-1]["global_loss"])
-        print(f"{engine:>10}: {per_round * 1e3:9.2f} ms/round   total {total:7.2f} s (incl. setup and evaluation)   "
-              f"final loss {rows[-1]['global_loss']:.6f}")
+        print(
+            f"{engine:>10}: {per_round * 1e3:9.2f} ms/round   total {total:7.2f} s (incl. setup and evaluation)   "
+            f"final loss {rows[-1]['global_loss']:.6f}"
+        )
     (sim, _, loss_sim), (fl, _, loss_fl) = results["simulation"], results["flower"]
     print(f"final loss relative difference: {abs(loss_fl - loss_sim) / abs(loss_sim):.2e}")
     print(f"ratio: {fl / sim:.1f}x")

@@ -50,22 +50,33 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def make_config(args: argparse.Namespace, algorithm: str):
-    return from_dict({
-        "seed": args.seed,
-        "data": {
-            "num_clients": args.clients, "pairs_per_client": args.pairs_per_client,
-            "eval_pairs_per_client": 2,  # held-out pairs are never touched here; keep them small
-            "dim": args.dim, "num_actions": args.num_actions, "size_skew": args.size_skew,
-        },
-        "policy": {"kind": "loglinear", "beta": args.beta, "loss_type": "sigmoid"},
-        "algorithm": {
-            "name": algorithm, "rounds": args.rounds, "local_steps": args.local_steps, "lr": args.lr,
-            "batch_size": args.batch_size, "optimizer": "sgd", "clients_per_round": 0, "server_lr": 1.0,
-            "gossip": "atc",
-        },
-        "topology": {"graph": "ring", "weights": "metropolis"},
-        "engine": {"device": "cpu", "dtype": "float32", "progress": False},
-    })
+    return from_dict(
+        {
+            "seed": args.seed,
+            "data": {
+                "num_clients": args.clients,
+                "pairs_per_client": args.pairs_per_client,
+                "eval_pairs_per_client": 2,  # held-out pairs are never touched here; keep them small
+                "dim": args.dim,
+                "num_actions": args.num_actions,
+                "size_skew": args.size_skew,
+            },
+            "policy": {"kind": "loglinear", "beta": args.beta, "loss_type": "sigmoid"},
+            "algorithm": {
+                "name": algorithm,
+                "rounds": args.rounds,
+                "local_steps": args.local_steps,
+                "lr": args.lr,
+                "batch_size": args.batch_size,
+                "optimizer": "sgd",
+                "clients_per_round": 0,
+                "server_lr": 1.0,
+                "gossip": "atc",
+            },
+            "topology": {"graph": "ring", "weights": "metropolis"},
+            "engine": {"device": "cpu", "dtype": "float32", "progress": False},
+        }
+    )
 
 
 def build_simulator(cfg, task):
@@ -178,9 +189,12 @@ def timed_rounds(obj, rounds: int, sim: bool) -> float:
 def compare(name: str, sim_out: torch.Tensor, loop_out: torch.Tensor) -> None:
     if sim_out.shape != loop_out.shape or not torch.allclose(sim_out, loop_out, rtol=RTOL, atol=ATOL):
         diff = (sim_out - loop_out).abs().max().item() if sim_out.shape == loop_out.shape else float("nan")
-        print(f"MISMATCH ({name}): simulator and per-client loop disagree after the same rounds "
-              f"(shapes {tuple(sim_out.shape)} vs {tuple(loop_out.shape)}, max |diff| = {diff:.3g}, "
-              f"rtol={RTOL}, atol={ATOL})", file=sys.stderr)
+        print(
+            f"MISMATCH ({name}): simulator and per-client loop disagree after the same rounds "
+            f"(shapes {tuple(sim_out.shape)} vs {tuple(loop_out.shape)}, max |diff| = {diff:.3g}, "
+            f"rtol={RTOL}, atol={ATOL})",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 
@@ -201,8 +215,11 @@ def bench(name: str, cfg, task, make_loop, final_sim, final_loop, args) -> tuple
         if loop_rounds == args.rounds:
             compare(name, final_sim(algo), final_loop(loop))
             max_diff = max(max_diff, (final_sim(algo) - final_loop(loop)).abs().max().item())
-        print(f"  {name} repeat {rep + 1}/{args.repeats}: simulator {sim_times[-1] * 1e3:9.2f} ms/round, "
-              f"loop {loop_times[-1] * 1e3:9.1f} ms/round", flush=True)
+        print(
+            f"  {name} repeat {rep + 1}/{args.repeats}: simulator {sim_times[-1] * 1e3:9.2f} ms/round, "
+            f"loop {loop_times[-1] * 1e3:9.1f} ms/round",
+            flush=True,
+        )
     return sim_times, loop_times, max_diff
 
 
@@ -213,8 +230,12 @@ def main(argv=None) -> int:
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="rounds per timed repeat (and for the equality check)")
-    ap.add_argument("--loop-rounds", type=int, default=0,
-                    help="time the loop on this many rounds per repeat (0 = --rounds); the check always uses --rounds")
+    ap.add_argument(
+        "--loop-rounds",
+        type=int,
+        default=0,
+        help="time the loop on this many rounds per repeat (0 = --rounds); the check always uses --rounds",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pairs-per-client", type=int, default=64)
     ap.add_argument("--num-actions", type=int, default=4)
@@ -225,11 +246,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # the ring's W @ X
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}, python {platform.python_version()}")
-    print(f"workload: {args.clients} clients, d={args.dim}, K={args.local_steps}, batch {args.batch_size}, "
-          f"{args.pairs_per_client} pairs/client, {args.num_actions} actions, log-linear policy, SGD lr {args.lr}, "
-          f"float32, {args.rounds} rounds x {args.repeats} repeats", flush=True)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}, python {platform.python_version()}"
+    )
+    print(
+        f"workload: {args.clients} clients, d={args.dim}, K={args.local_steps}, batch {args.batch_size}, "
+        f"{args.pairs_per_client} pairs/client, {args.num_actions} actions, log-linear policy, SGD lr {args.lr}, "
+        f"float32, {args.rounds} rounds x {args.repeats} repeats",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     fed_cfg, dsgd_cfg = make_config(args, "fedavg"), make_config(args, "dsgd")
@@ -238,16 +264,20 @@ def main(argv=None) -> int:
     W = make_topology("ring", args.clients).W
     print(f"setup (data, task): {time.perf_counter() - t0:.1f} s", flush=True)
 
-    fed = bench("fedavg", fed_cfg, task, lambda: LoopFedAvg(task, fed_cfg),
-                lambda a: a.global_params(), lambda l: l.theta, args)
-    dsgd = bench("dsgd", dsgd_cfg, task, lambda: LoopDSGD(task, dsgd_cfg, W),
-                 lambda a: a.X, lambda l: l.X, args)
-    print(f"check: final models agree (torch.allclose rtol={RTOL}, atol={ATOL}); "
-          f"max |diff| fedavg {fed[2]:.2e}, dsgd {dsgd[2]:.2e}")
+    fed = bench(
+        "fedavg", fed_cfg, task, lambda: LoopFedAvg(task, fed_cfg), lambda a: a.global_params(), lambda l: l.theta, args
+    )
+    dsgd = bench("dsgd", dsgd_cfg, task, lambda: LoopDSGD(task, dsgd_cfg, W), lambda a: a.X, lambda l: l.X, args)
+    print(
+        f"check: final models agree (torch.allclose rtol={RTOL}, atol={ATOL}); "
+        f"max |diff| fedavg {fed[2]:.2e}, dsgd {dsgd[2]:.2e}"
+    )
 
-    med = {(way, alg): statistics.median(times)
-           for alg, res in (("fedavg", fed), ("dsgd", dsgd))
-           for way, times in (("simulator", res[0]), ("loop", res[1]))}
+    med = {
+        (way, alg): statistics.median(times)
+        for alg, res in (("fedavg", fed), ("dsgd", dsgd))
+        for way, times in (("simulator", res[0]), ("loop", res[1]))
+    }
     print()
     print(f"{'way':<18}{'fedavg s/round':>16}{'dsgd s/round':>16}{'total s/round':>16}")
     for way in ("simulator", "loop"):
@@ -260,9 +290,11 @@ def main(argv=None) -> int:
     total_loop = med[("loop", "fedavg")] + med[("loop", "dsgd")]
     speedup = total_loop / total_sim
     print(f"{'ratio (loop/sim)':<18}{rf:>15.1f}x{rd:>15.1f}x{speedup:>15.1f}x")
-    print(f"(medians over {args.repeats} repeats of {args.rounds} rounds"
-          + (f"; loop timed on {args.loop_rounds} rounds" if args.loop_rounds and args.loop_rounds != args.rounds else "")
-          + ")")
+    print(
+        f"(medians over {args.repeats} repeats of {args.rounds} rounds"
+        + (f"; loop timed on {args.loop_rounds} rounds" if args.loop_rounds and args.loop_rounds != args.rounds else "")
+        + ")"
+    )
     print(f"speedup: {speedup:.1f}x")
     return 0
 

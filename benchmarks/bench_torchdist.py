@@ -88,8 +88,13 @@ def _overhead(rank: int, repeats: int, results) -> None:
 
     cache = Cache()
     for name in ALGORITHMS:
-        cfg = from_dict({**OVERHEAD_CONFIG, "algorithm": {**OVERHEAD_CONFIG["algorithm"], "name": name},
-                         "engine": {**OVERHEAD_CONFIG["engine"], "name": "torchdist"}})
+        cfg = from_dict(
+            {
+                **OVERHEAD_CONFIG,
+                "algorithm": {**OVERHEAD_CONFIG["algorithm"], "name": name},
+                "engine": {**OVERHEAD_CONFIG["engine"], "name": "torchdist"},
+            }
+        )
         walls = []
         for _ in range(repeats):
             _, summary = run_one(cfg, name, cache, progress=False)
@@ -101,8 +106,9 @@ def _overhead(rank: int, repeats: int, results) -> None:
 
 def _worker(rank: int, world: int, port: int, quick: bool, repeats: int, results) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     try:
         _micro(rank, quick, results["micro"])
@@ -132,27 +138,37 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     args = parser.parse_args()
     repeats = 2 if args.quick else 5
-    print(f"torch {torch.__version__}; python {platform.python_version()}; {platform.machine()} "
-          f"{platform.processor() or ''}; {os.cpu_count()} CPUs; P = 2 ranks, gloo on 127.0.0.1; 1 thread per process")
+    print(
+        f"torch {torch.__version__}; python {platform.python_version()}; {platform.machine()} "
+        f"{platform.processor() or ''}; {os.cpu_count()} CPUs; P = 2 ranks, gloo on 127.0.0.1; 1 thread per process"
+    )
     manager = mp.Manager()
     results = {"micro": manager.dict(), "overhead": manager.dict()}
     mp.spawn(_worker, args=(2, _free_port(), args.quick, repeats, results), nprocs=2, join=True)
     micro = dict(results["micro"])
 
     print("\nper round, median (ring of 4 nodes, 2 rows per rank; all-reduce of one p-vector)")
-    print(f"{'floats p':>10}  {'compute ms':>10}  {'gossip ms':>10}  {'gossip MB/rank':>14}  "
-          f"{'allreduce ms':>12}  {'allreduce MB':>12}  {'comm share (gossip)':>19}")
+    print(
+        f"{'floats p':>10}  {'compute ms':>10}  {'gossip ms':>10}  {'gossip MB/rank':>14}  "
+        f"{'allreduce ms':>12}  {'allreduce MB':>12}  {'comm share (gossip)':>19}"
+    )
     for p in SIZES:
         m = micro[p]
         share = m["gossip"] / (m["gossip"] + m["compute"])
-        print(f"{p:>10}  {m['compute'] * 1e3:>10.3f}  {m['gossip'] * 1e3:>10.3f}  {m['gossip_bytes'] / 1e6:>14.3f}  "
-              f"{m['allreduce'] * 1e3:>12.3f}  {m['allreduce_bytes'] / 1e6:>12.3f}  {share:>19.1%}")
+        print(
+            f"{p:>10}  {m['compute'] * 1e3:>10.3f}  {m['gossip'] * 1e3:>10.3f}  {m['gossip_bytes'] / 1e6:>14.3f}  "
+            f"{m['allreduce'] * 1e3:>12.3f}  {m['allreduce_bytes'] / 1e6:>12.3f}  {share:>19.1%}"
+        )
 
     sim = _simulator(repeats)
     td = dict(results["overhead"])
-    print(f"\nsame work in both engines: n = 16 clients, d = 16, K = 5, batch 32, 30 rounds; median of {repeats} "
-          "(training wall time, evaluation excluded)")
-    print(f"{'algorithm':>10}  {'simulator s':>12}  {'torchdist s':>12}  {'ratio':>7}  {'loss sim':>10}  {'loss td':>10}")
+    print(
+        f"\nsame work in both engines: n = 16 clients, d = 16, K = 5, batch 32, 30 rounds; median of {repeats} "
+        "(training wall time, evaluation excluded)"
+    )
+    print(
+        f"{'algorithm':>10}  {'simulator s':>12}  {'torchdist s':>12}  {'ratio':>7}  {'loss sim':>10}  {'loss td':>10}"
+    )
     for name in ALGORITHMS:
         (s, ls), (t, lt) = sim[name], td[name]
         print(f"{name:>10}  {s:>12.4f}  {t:>12.4f}  {t / s:>6.2f}x  {ls:>10.6f}  {lt:>10.6f}")

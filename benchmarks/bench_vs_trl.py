@@ -60,15 +60,35 @@ def worker_distdpo(args, workdir: Path) -> dict:
     from distdpo.config import from_dict
 
     torch.set_num_threads(args.threads)
-    cfg = from_dict({
-        "seed": args.seed,
-        "data": {"source": str(args.data), "format": "hh-rlhf", "num_clients": 1, "max_pairs": args.max_pairs,
-                 "eval_fraction": 0.0, "loss_pairs_per_client": 1},
-        "policy": {"kind": "causal_lm", "model": str(workdir), "beta": args.beta, "max_length": args.max_length, "lora_r": 0},
-        "algorithm": {"name": "centralized", "rounds": args.steps, "local_steps": 1, "batch_size": args.batch_size,
-                      "lr": args.lr, "optimizer": "adamw"},
-        "engine": {"progress": False},
-    })
+    cfg = from_dict(
+        {
+            "seed": args.seed,
+            "data": {
+                "source": str(args.data),
+                "format": "hh-rlhf",
+                "num_clients": 1,
+                "max_pairs": args.max_pairs,
+                "eval_fraction": 0.0,
+                "loss_pairs_per_client": 1,
+            },
+            "policy": {
+                "kind": "causal_lm",
+                "model": str(workdir),
+                "beta": args.beta,
+                "max_length": args.max_length,
+                "lora_r": 0,
+            },
+            "algorithm": {
+                "name": "centralized",
+                "rounds": args.steps,
+                "local_steps": 1,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "optimizer": "adamw",
+            },
+            "engine": {"progress": False},
+        }
+    )
     task = build.build_task(cfg)
     weights = build.client_weights(cfg, task.client_sizes)
     algo = build.build_algorithm(cfg, task, None, None, weights)
@@ -79,7 +99,12 @@ def worker_distdpo(args, workdir: Path) -> dict:
         algo.run_round(step)
         times.append(time.perf_counter() - t0)
     tokens = algo.task._tokens - start_tokens
-    return {"seconds": sum(times), "tokens": tokens, "step_median_s": sorted(times)[len(times) // 2], "peak_rss_gib": peak_rss_gib()}
+    return {
+        "seconds": sum(times),
+        "tokens": tokens,
+        "step_median_s": sorted(times)[len(times) // 2],
+        "peak_rss_gib": peak_rss_gib(),
+    }
 
 
 def worker_trl(args, workdir: Path) -> dict:
@@ -111,17 +136,34 @@ def worker_trl(args, workdir: Path) -> dict:
             times.append(time.perf_counter() - self.t0)
 
     config = DPOConfig(
-        output_dir=str(workdir / "trl_out"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, beta=args.beta, max_length=args.max_length, logging_steps=10**6, save_strategy="no",
-        report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=args.seed,
-        lr_scheduler_type="constant", warmup_steps=0,
+        output_dir=str(workdir / "trl_out"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        beta=args.beta,
+        max_length=args.max_length,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        seed=args.seed,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
     )
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=[StepTimer()])
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
-    return {"seconds": sum(times), "train_seconds": total, "tokens": counted["tokens"],
-            "step_median_s": sorted(times)[len(times) // 2], "peak_rss_gib": peak_rss_gib()}
+    return {
+        "seconds": sum(times),
+        "train_seconds": total,
+        "tokens": counted["tokens"],
+        "step_median_s": sorted(times)[len(times) // 2],
+        "peak_rss_gib": peak_rss_gib(),
+    }
 
 
 def main() -> None:
@@ -136,7 +178,9 @@ def main() -> None:
     p.add_argument("--max-pairs", type=int, default=2312)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="alternate the two workers this many times; medians are reported")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="alternate the two workers this many times; medians are reported"
+    )
     p.add_argument("--worker", choices=["distdpo", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -148,26 +192,38 @@ def main() -> None:
 
     import torch
 
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.machine()} x{os.cpu_count()}, python {platform.python_version()}")
-    print(f"workload: tiny GPT-2 (2 layers, 4 heads, width 128, vocab {args.vocab}), HH-RLHF harmless, batch {args.batch_size}, "
-          f"max length {args.max_length}, beta {args.beta}, {args.steps} steps, fp32, full fine-tuning, AdamW")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {platform.machine()} x{os.cpu_count()}, "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"workload: tiny GPT-2 (2 layers, 4 heads, width 128, vocab {args.vocab}), HH-RLHF harmless, "
+        f"batch {args.batch_size}, "
+        f"max length {args.max_length}, beta {args.beta}, {args.steps} steps, fp32, full fine-tuning, AdamW"
+    )
     results: dict[str, list[dict]] = {"distdpo": [], "trl": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         prepare(args, workdir)
-        passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("repeats", "worker", "workdir")]
+        passthrough = [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("repeats", "worker", "workdir")
+        ]
         for r in range(args.repeats):
             for name in ("trl", "distdpo"):
                 cmd = [sys.executable, __file__, *passthrough, "--worker", name, "--workdir", str(workdir)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                )
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode != 0 or not line:
                     sys.exit(f"{name} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
                 res = json.loads(line[-1][7:])
                 results[name].append(res)
-                print(f"  repeat {r + 1}: {name:8s} {res['tokens'] / res['seconds']:8.0f} real tokens/s, "
-                      f"{res['tokens'] / args.steps:6.0f} tokens/step, {res['seconds'] / args.steps:.3f} s/step (mean), "
-                      f"{res['step_median_s']:.3f} (median), peak RSS {res['peak_rss_gib']:.2f} GiB")
+                print(
+                    f"  repeat {r + 1}: {name:8s} {res['tokens'] / res['seconds']:8.0f} real tokens/s, "
+                    f"{res['tokens'] / args.steps:6.0f} tokens/step, {res['seconds'] / args.steps:.3f} s/step (mean), "
+                    f"{res['step_median_s']:.3f} (median), peak RSS {res['peak_rss_gib']:.2f} GiB"
+                )
 
     def med(name, key):
         vals = sorted(r[key] for r in results[name])

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from helpers import make_config
 
 from distdpo import build
 from distdpo.algorithms.federated import sample_clients
 from distdpo.algorithms.optim import ClientOptimizer
 from distdpo.engines.simulation import SimulatedCommunicator
 from distdpo.experiment import run_one
-from helpers import make_config
 
 
 def setup(cfg):
@@ -60,8 +60,11 @@ def test_centralized_algorithm_is_gradient_descent():
 
 @pytest.mark.parametrize("gossip", ["atc", "cta"])
 def test_dsgd_on_complete_graph_keeps_every_node_on_the_gd_iterate(gossip):
-    cfg = make_config(algorithm={**FULL, "name": "dsgd", "gossip": gossip}, topology={"graph": "complete"},
-                      engine={"dtype": "float64", "progress": False})
+    cfg = make_config(
+        algorithm={**FULL, "name": "dsgd", "gossip": gossip},
+        topology={"graph": "complete"},
+        engine={"dtype": "float64", "progress": False},
+    )
     task, _, algo = setup(cfg)
     expected = numpy_gradient_descent(task, 0.5, 6)
     for t in range(6):
@@ -91,7 +94,9 @@ def test_scaffold_beats_fedavg_at_high_heterogeneity():
 def test_gradient_tracking_beats_dsgd_at_high_heterogeneity():
     common = {"batch_size": "full", "local_steps": 1, "lr": 0.5, "rounds": 300}
     dsgd, _ = final(make_config(data=HETERO, algorithm={**common, "name": "dsgd"}, topology={"graph": "ring"}))
-    gt, _ = final(make_config(data=HETERO, algorithm={**common, "name": "gradient_tracking"}, topology={"graph": "ring"}))
+    gt, _ = final(
+        make_config(data=HETERO, algorithm={**common, "name": "gradient_tracking"}, topology={"graph": "ring"})
+    )
     assert gt["optimality_gap"] < 0.01 * dsgd["optimality_gap"]
     assert gt["consensus_distance"] < 0.01 * dsgd["consensus_distance"]
 
@@ -99,8 +104,10 @@ def test_gradient_tracking_beats_dsgd_at_high_heterogeneity():
 def test_consensus_distance_ordered_by_connectivity():
     common = {"batch_size": "full", "local_steps": 1, "lr": 0.5, "rounds": 60, "name": "dsgd"}
     data = {**HETERO, "num_clients": 16}
-    xi = {g: final(make_config(data=data, algorithm=common, topology={"graph": g}))[0]["consensus_distance"]
-          for g in ("ring", "torus", "complete")}
+    xi = {
+        g: final(make_config(data=data, algorithm=common, topology={"graph": g}))[0]["consensus_distance"]
+        for g in ("ring", "torus", "complete")
+    }
     assert xi["ring"] > xi["torus"] > xi["complete"]
     # The complete graph with uniform W averages exactly: what remains is the rounding of one float32 mean of n rows
     # per coordinate, at most n·ε·‖θ‖∞ each, whatever order a CPU sums in.
@@ -162,8 +169,16 @@ def test_bytes_count_what_travels_at_the_engine_dtype(name):
 @pytest.mark.parametrize("name", ["fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
 def test_variants_train_and_differ_from_fedavg(name):
     base, _ = final(make_config(algorithm={"name": "fedavg", "rounds": 15}))
-    other, _ = final(make_config(algorithm={"name": name, "rounds": 15, "server_lr": 0.1 if "ada" in name or "yogi" in name else 1.0,
-                                            "mu": 0.5}))
+    other, _ = final(
+        make_config(
+            algorithm={
+                "name": name,
+                "rounds": 15,
+                "server_lr": 0.1 if "ada" in name or "yogi" in name else 1.0,
+                "mu": 0.5,
+            }
+        )
+    )
     assert other["global_loss"] < 0.69  # learned something from ln 2 at the reference policy
     assert other["global_loss"] != base["global_loss"]
 

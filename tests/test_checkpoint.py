@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
+from helpers import TINY_DATA, make_config
 
-from helpers import make_config
 from distdpo import build
 from distdpo.checkpoint import RunCheckpoint
 from distdpo.cli import main
@@ -18,7 +18,6 @@ from distdpo.config import ConfigError, load
 from distdpo.engines.simulation import SimulatedCommunicator
 from distdpo.experiment import run_experiment
 from distdpo.metrics import Recorder
-from helpers import TINY_DATA
 
 SWEEP = f"""
 seed = 2
@@ -42,15 +41,19 @@ def _parts(cfg):
     return task, weights, topology, build.build_algorithm(cfg, task, comm, topology, weights)
 
 
-@pytest.mark.parametrize("algorithm", [
-    {"name": "fedadam", "staleness": 2, "clients_per_round": 5},
-    {"name": "scaffold", "clients_per_round": 4},
-    {"name": "gradient_tracking"},
-    {"name": "centralized", "optimizer": "adamw"},
-])
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        {"name": "fedadam", "staleness": 2, "clients_per_round": 5},
+        {"name": "scaffold", "clients_per_round": 4},
+        {"name": "gradient_tracking"},
+        {"name": "centralized", "optimizer": "adamw"},
+    ],
+)
 def test_state_round_trip_continues_bit_for_bit(tmp_path, algorithm):
-    cfg = make_config(algorithm={**algorithm, "rounds": 6},
-                      engine={"checkpoint_every": 3, "checkpoint_dir": str(tmp_path)})
+    cfg = make_config(
+        algorithm={**algorithm, "rounds": 6}, engine={"checkpoint_every": 3, "checkpoint_dir": str(tmp_path)}
+    )
     *_, straight = _parts(cfg)
     for r in range(6):
         straight.run_round(r)
@@ -85,13 +88,21 @@ def test_killed_simulator_sweep_resumes_to_identical_numbers(tmp_path):
     # The first run of the sweep (fedavg) is killed with its process group at round 6 (last checkpoint: 4);
     # the resumed sweep continues fedavg from round 4, then runs dsgd.
     env = {**os.environ, "DISTDPO_FAULT": "killjob:0:6", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "distdpo", str(cfg_path), "--out", str(out), *sets, "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distdpo", str(cfg_path), "--out", str(out), *sets, "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
     assert proc.returncode == -9
     assert json.loads((tmp_path / "ckpt" / "name=fedavg" / "checkpoint.json").read_text())["round"] == 4
     assert main(["run", str(cfg_path), "--out", str(out), *sets, "--resume", "--no-progress"]) == 0
     got = json.loads((out / "summary.json").read_text())
-    ref = run_experiment(load(cfg_path, [f"engine.checkpoint_dir={tmp_path / 'ref'}"]), tmp_path / "ref_out", progress=False)
+    ref = run_experiment(
+        load(cfg_path, [f"engine.checkpoint_dir={tmp_path / 'ref'}"]), tmp_path / "ref_out", progress=False
+    )
     expected = json.loads((ref / "summary.json").read_text())
     for label, run in expected["runs"].items():
         for key, value in run["final"].items():

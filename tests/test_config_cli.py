@@ -44,9 +44,11 @@ def write(tmp_path, text, name="cfg.toml"):
         ({"algorithm": {"lrr": 0.1}}, "unknown config key 'algorithm.lrr' \\(did you mean 'lr'\\?\\)"),
         ({"algoritm": {"lr": 0.1}}, "unknown config section 'algoritm'"),
         ({"algorithm": {"lr": -0.1}}, "algorithm.lr must be positive"),
-        ({"algorithm": {"clients_per_round": 20}, "data": {"num_clients": 8}},
-         "clients_per_round = 20 exceeds data.num_clients = 8"),
-        ({"algorithm": {"batch_size": "half"}}, "algorithm.batch_size must be a positive integer or \"full\""),
+        (
+            {"algorithm": {"clients_per_round": 20}, "data": {"num_clients": 8}},
+            "clients_per_round = 20 exceeds data.num_clients = 8",
+        ),
+        ({"algorithm": {"batch_size": "half"}}, 'algorithm.batch_size must be a positive integer or "full"'),
         ({"algorithm": {"name": "fedavgg"}}, "did you mean 'fedavg'"),
         ({"algorithm": {"rounds": 2.5}}, "algorithm.rounds must be an integer"),
         ({"algorithm": {"name": "dsgd", "aggregation": "size"}}, "impossible for decentralized"),
@@ -55,8 +57,8 @@ def write(tmp_path, text, name="cfg.toml"):
         ({"policy": {"loss_type": "hinge", "label_smoothing": 0.1}}, "label_smoothing = 0.1 has no meaning"),
         ({"policy": {"loss_type": "ipo", "label_smoothing": 0.1}}, "label_smoothing = 0.1 has no meaning"),
         ({"algorithm": {"name": "gradient_tracking", "gossip": "cta"}}, "'cta' is for DSGD"),
-        ({"algorithm": {"batch_size": 0}}, "algorithm.batch_size must be a positive integer or \"full\", got 0"),
-        ({"algorithm": {"batch_size": True}}, "algorithm.batch_size must be a positive integer or \"full\""),
+        ({"algorithm": {"batch_size": 0}}, 'algorithm.batch_size must be a positive integer or "full", got 0'),
+        ({"algorithm": {"batch_size": True}}, 'algorithm.batch_size must be a positive integer or "full"'),
         ({"algorithm": {"mu": -1}}, "algorithm.mu must be non-negative, got -1.0"),
         ({"algorithm": {"server_momentum": 1}}, "algorithm.server_momentum must be below 1, got 1.0"),
         ({"algorithm": {"name": "scaffold", "optimizer": "adamw"}}, "scaffold needs 'sgd'"),
@@ -107,9 +109,14 @@ def test_choices_are_the_owning_modules_names():
 
 def test_engine_specific_keys_are_marked_with_their_engine():
     marked = {key: f.metadata["engine"] for key, f in C.KEYS.items() if f.metadata["engine"]}
-    assert marked == {**dict.fromkeys(["engine.dp_clip", "engine.dp_noise", "engine.dp_side", "engine.flower_cpus",
-                                       "engine.flower_timeout"], "flower"),
-                      "engine.backend": "torchdist", "engine.timeout_s": "torchdist"}
+    assert marked == {
+        **dict.fromkeys(
+            ["engine.dp_clip", "engine.dp_noise", "engine.dp_side", "engine.flower_cpus", "engine.flower_timeout"],
+            "flower",
+        ),
+        "engine.backend": "torchdist",
+        "engine.timeout_s": "torchdist",
+    }
 
 
 def test_the_algorithm_registry():
@@ -128,18 +135,24 @@ def test_the_algorithm_registry():
 
 
 def test_importing_the_config_imports_no_torch():
-    code = ("import sys, distdpo.config; heavy = {'torch', 'transformers', 'networkx', 'pandas', 'datasets'}; "
-            "print(sorted(heavy & set(sys.modules)))")
+    code = (
+        "import sys, distdpo.config; heavy = {'torch', 'transformers', 'networkx', 'pandas', 'datasets'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_set_overrides_and_sweep_product(tmp_path):
-    cfg = load(write(tmp_path, SMALL), ["algorithm.lr=0.05", 'sweep.algorithm.local_steps=[1, 3]'])
+    cfg = load(write(tmp_path, SMALL), ["algorithm.lr=0.05", "sweep.algorithm.local_steps=[1, 3]"])
     assert cfg.algorithm.lr == 0.05
     runs = expand(cfg)
-    assert list(runs) == ["name=fedavg,local_steps=1", "name=fedavg,local_steps=3", "name=dsgd,local_steps=1",
-                          "name=dsgd,local_steps=3"]
+    assert list(runs) == [
+        "name=fedavg,local_steps=1",
+        "name=fedavg,local_steps=3",
+        "name=dsgd,local_steps=1",
+        "name=dsgd,local_steps=3",
+    ]
     assert runs["name=dsgd,local_steps=3"].algorithm.local_steps == 3
     assert parse_override("topology.graph=ring") == ("topology.graph", "ring")
     assert parse_override('algorithm.batch_size="full"') == ("algorithm.batch_size", "full")

@@ -60,7 +60,8 @@ def same(documented, actual) -> bool:
 
 def test_the_readme_has_configuration_tables():
     assert len(ROWS) > 50 and {"seed", "algorithm.lr", "data.format", "engine.timeout_s"} <= {
-        k for _, keys, _, _ in ROWS for k in keys}
+        k for _, keys, _, _ in ROWS for k in keys
+    }
 
 
 def test_every_config_key_is_documented():

@@ -42,8 +42,12 @@ def test_packed_logps_equal_an_explicit_token_loop(lm, arch):
     with torch.no_grad():
         w, l = pair_logps(model, pack(pairs, list(range(8)), tok.pad_token_id))
     for i in range(8):
-        assert w[i].item() == pytest.approx(sequence_logp_loop(model, pairs.prompt[i], pairs.chosen[i]), rel=1e-5, abs=1e-4)
-        assert l[i].item() == pytest.approx(sequence_logp_loop(model, pairs.prompt[i], pairs.rejected[i]), rel=1e-5, abs=1e-4)
+        assert w[i].item() == pytest.approx(
+            sequence_logp_loop(model, pairs.prompt[i], pairs.chosen[i]), rel=1e-5, abs=1e-4
+        )
+        assert l[i].item() == pytest.approx(
+            sequence_logp_loop(model, pairs.prompt[i], pairs.rejected[i]), rel=1e-5, abs=1e-4
+        )
 
 
 def test_batching_and_padding_do_not_change_logps(lm):
@@ -61,7 +65,7 @@ def test_truncation_keeps_prompt_end_and_counts():
     pairs = tokenize_pairs(tok, ["hello world " * 50], ["yes " * 40], ["no"], max_length=32)
     assert len(pairs.prompt[0]) + len(pairs.chosen[0]) <= 32 and len(pairs.prompt[0]) + len(pairs.rejected[0]) <= 32
     full = tok("hello world " * 50, add_special_tokens=False)["input_ids"]
-    assert pairs.prompt[0].tolist() == full[-len(pairs.prompt[0]):]  # the end of the prompt is kept
+    assert pairs.prompt[0].tolist() == full[-len(pairs.prompt[0]) :]  # the end of the prompt is kept
     assert pairs.stats["truncated_prompts"] == 1 and pairs.stats["truncated_completions"] == 1
     assert pairs.chosen[0][-1].item() != tok.eos_token_id  # cut completion: its EOS went with the cut
     assert pairs.rejected[0][-1].item() == tok.eos_token_id
@@ -118,15 +122,21 @@ def test_ipo_on_sequences_uses_per_token_mean_log_probs(lm):
         for i in ids:
             mean = lambda m, c: _token_logps(m, pairs.prompt[i], c).mean()  # noqa: E731
             h = (mean(task.policy.model, pairs.chosen[i]) - mean(model, pairs.chosen[i])) - (
-                mean(task.policy.model, pairs.rejected[i]) - mean(model, pairs.rejected[i]))
+                mean(task.policy.model, pairs.rejected[i]) - mean(model, pairs.rejected[i])
+            )
             per_pair.append((h - 1 / (2 * beta)) ** 2)
         assert loss[node].item() == pytest.approx(float(torch.stack(per_pair).mean()), rel=1e-4)
     # the held-out implicit rewards use the same per-token log-ratios
     m = task.held_out_metrics(theta)
     rewards = []
     for i in held[0].tolist() + held[1].tolist():
-        rewards.append(beta * (_token_logps(task.policy.model, pairs.prompt[i], pairs.chosen[i]).mean()
-                               - _token_logps(model, pairs.prompt[i], pairs.chosen[i]).mean()))
+        rewards.append(
+            beta
+            * (
+                _token_logps(task.policy.model, pairs.prompt[i], pairs.chosen[i]).mean()
+                - _token_logps(model, pairs.prompt[i], pairs.chosen[i]).mean()
+            )
+        )
     assert m["rewards/chosen"] == pytest.approx(float(torch.stack(rewards).mean()), rel=1e-3, abs=1e-6)
 
 
@@ -137,7 +147,9 @@ def test_loss_at_initialization_is_ln2_and_lora_changes_only_the_adapter(lm):
     assert m["global_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert m["reward_margin"] == pytest.approx(0.0, abs=1e-6) and m["pref_accuracy"] == 0.0  # ties are not wins
     base_before = {k: v.clone() for k, v in task.policy.model.get_base_model().state_dict().items() if "lora_" not in k}
-    _, g = task.loss_and_grad(task.initial_params()[None], torch.tensor([0]), task.sample_batch(torch.Generator().manual_seed(0), 4))
+    _, g = task.loss_and_grad(
+        task.initial_params()[None], torch.tensor([0]), task.sample_batch(torch.Generator().manual_seed(0), 4)
+    )
     task.policy.set_flat(task.initial_params() - 10.0 * g[0])
     after = task.policy.model.get_base_model().state_dict()
     assert all(torch.equal(v, after[k]) for k, v in base_before.items())  # base weights untouched
@@ -154,7 +166,9 @@ def test_loss_at_initialization_is_ln2_and_lora_changes_only_the_adapter(lm):
 
 def test_gradient_matches_finite_difference_on_the_adapter(lm):
     task = make_task(lm)
-    theta = task.initial_params().double() + 0.1 * torch.randn(task.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    theta = task.initial_params().double() + 0.1 * torch.randn(
+        task.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     batch = Batch(torch.tensor([[0, 1], [0, 1]]), torch.full((2, 2), 0.5, dtype=torch.float64))
     nodes = torch.tensor([0])
     _, g = task.loss_and_grad(theta.float()[None], nodes, batch)
@@ -220,7 +234,9 @@ def test_full_gradient_and_its_curvature_match_differences_of_the_loss(lm):
 
     task = make_task(lm)
     w = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    theta = task.initial_params().double() + 0.1 * torch.randn(task.num_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    theta = task.initial_params().double() + 0.1 * torch.randn(
+        task.num_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
     f = lambda t: task.evaluate(t.float(), w)["global_loss"]  # noqa: E731
     g = task.full_gradient(theta.float(), w)
     u = g / g.norm()
@@ -235,7 +251,9 @@ def test_full_gradient_and_its_curvature_match_differences_of_the_loss(lm):
 def test_adapter_initialisation_is_seeded(lm):
     """Same seed, same adapter in any process state; another seed, another adapter (peft draws from the global RNG)."""
     tok, model, pairs = lm
-    make = lambda seed: CausalLMPolicy(build_model("builtin:gpt2-tiny", len(tok), seed=0), tok, lora_r=4, seed=seed).get_flat()  # noqa: E731
+    make = lambda seed: CausalLMPolicy(
+        build_model("builtin:gpt2-tiny", len(tok), seed=0), tok, lora_r=4, seed=seed
+    ).get_flat()  # noqa: E731
     first = make(1)
     torch.rand(7)  # move the global RNG
     assert torch.equal(make(1), first) and not torch.equal(make(2), first)

@@ -21,61 +21,170 @@ from distdpo.lm.logprobs import (
 )
 
 V = 128
-LLAMA_LIKE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)
+LLAMA_LIKE = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 MOE = dict(LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 
 # name → (config class, model class, config kwargs, the path pair_logps takes). Logit post-processing attributes are
 # set far from neutral so that skipping them fails the comparison; sliding windows are longer than the test rows.
 ARCHS = {
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128), PACKED),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+        PACKED,
+    ),
     "llama": ("LlamaConfig", "LlamaForCausalLM", LLAMA_LIKE, PACKED),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(LLAMA_LIKE, sliding_window=64), PACKED),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), PACKED),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+        PACKED,
+    ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", LLAMA_LIKE, PACKED),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(MOE, shared_expert_intermediate_size=32), PACKED),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(LLAMA_LIKE, head_dim=8), PACKED),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(MOE, head_dim=8), PACKED),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(LLAMA_LIKE, head_dim=8), PACKED),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               dict(LLAMA_LIKE, head_dim=8, sliding_window=64, final_logit_softcapping=1.5, attn_logit_softcapping=5.0), PACKED),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                    dict(LLAMA_LIKE, head_dim=8, sliding_window=64, final_logit_softcapping=1.5,
-                         layer_types=["sliding_attention", "full_attention"]), PACKED),
-    "granite": ("GraniteConfig", "GraniteForCausalLM",
-                dict(LLAMA_LIKE, logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3), PACKED),
-    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
-                   dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, logits_scaling=4.0), PACKED),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(LLAMA_LIKE, head_dim=8, sliding_window=64, final_logit_softcapping=1.5, attn_logit_softcapping=5.0),
+        PACKED,
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            LLAMA_LIKE,
+            head_dim=8,
+            sliding_window=64,
+            final_logit_softcapping=1.5,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        PACKED,
+    ),
+    "granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        dict(
+            LLAMA_LIKE, logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3
+        ),
+        PACKED,
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, logits_scaling=4.0),
+        PACKED,
+    ),
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(LLAMA_LIKE, logit_scale=3.0), PACKED),
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(LLAMA_LIKE, logit_scale=3.0, sliding_window=64), PACKED),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(LLAMA_LIKE, partial_rotary_factor=0.5), PACKED),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(LLAMA_LIKE, pad_token_id=0), PACKED),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
-                 dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      max_position_embeddings=128), PACKED),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        ),
+        PACKED,
+    ),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(LLAMA_LIKE, pad_token_id=0), PACKED),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(LLAMA_LIKE, pad_token_id=0), PACKED),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", LLAMA_LIKE, PACKED),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(LLAMA_LIKE, sliding_window=64), PACKED),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(LLAMA_LIKE, pad_token_id=0), PACKED),
-    "falcon": ("FalconConfig", "FalconForCausalLM", dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4), PACKED),
-    "opt": ("OPTConfig", "OPTForCausalLM",
-            dict(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=128, word_embed_proj_dim=32), PACKED),
-    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128), PACKED),
-    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128), PACKED),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        PACKED,
+    ),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(
+            vocab_size=V,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+        ),
+        PACKED,
+    ),
+    "gptj": (
+        "GPTJConfig",
+        "GPTJForCausalLM",
+        dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128),
+        PACKED,
+    ),
+    "codegen": (
+        "CodeGenConfig",
+        "CodeGenForCausalLM",
+        dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128),
+        PACKED,
+    ),
     # ALiBi biases from the mask, not position_ids; GPT-Neo's local layers have their own window.
-    "falcon-alibi": ("FalconConfig", "FalconForCausalLM",
-                     dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True), PADDED),
+    "falcon-alibi": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True),
+        PADDED,
+    ),
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=V, hidden_size=32, n_layer=2, n_head=4), PADDED),
-    "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=128), PADDED),
-    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM",
-                dict(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=128,
-                     attention_types=[[["global", "local"], 1]], window_size=8), PADDED),
+    "mpt": (
+        "MptConfig",
+        "MptForCausalLM",
+        dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=128),
+        PADDED,
+    ),
+    "gpt_neo": (
+        "GPTNeoConfig",
+        "GPTNeoForCausalLM",
+        dict(
+            vocab_size=V,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            max_position_embeddings=128,
+            attention_types=[[["global", "local"], 1]],
+            window_size=8,
+        ),
+        PADDED,
+    ),
     # CPM-Ant's outputs change with right padding: one forward per sequence.
-    "cpmant": ("CpmAntConfig", "CpmAntForCausalLM",
-               dict(vocab_size=V, hidden_size=32, num_attention_heads=4, dim_head=8, dim_ff=64, num_hidden_layers=2,
-                    prompt_length=4, position_bias_num_buckets=16, position_bias_max_distance=64), LOOP),
+    "cpmant": (
+        "CpmAntConfig",
+        "CpmAntForCausalLM",
+        dict(
+            vocab_size=V,
+            hidden_size=32,
+            num_attention_heads=4,
+            dim_head=8,
+            dim_ff=64,
+            num_hidden_layers=2,
+            prompt_length=4,
+            position_bias_num_buckets=16,
+            position_bias_max_distance=64,
+        ),
+        LOOP,
+    ),
 }
 
 
@@ -161,7 +270,12 @@ def test_sliding_window_shorter_than_the_packed_rows_pads():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the self-check fits its pair in the window: it passes
         assert logp_path(model, pack(pairs, [0, 1, 2, 3], pad_id=0)) == PADDED
-        assert logp_path(model, pack(TokenizedPairs([torch.tensor([5, 6])], [torch.tensor([7, 8])], [torch.tensor([9])]), [0], 0)) == PACKED
+        assert (
+            logp_path(
+                model, pack(TokenizedPairs([torch.tensor([5, 6])], [torch.tensor([7, 8])], [torch.tensor([9])]), [0], 0)
+            )
+            == PACKED
+        )
     assert_matches_plain(model, pairs)
 
 
@@ -209,16 +323,73 @@ def test_lora_policy_and_disabled_adapter_reference(arch, targets):
 
 # ---- every other causal LM of the installed transformers, from a generically shrunk default config ----------------
 
-NOT_DECODER_ONLY = {"bart", "bert", "bert-generation", "big_bird", "bigbird_pegasus", "blenderbot", "blenderbot-small",
-                    "camembert", "data2vec-text", "electra", "ernie", "marian", "mbart", "megatron-bert", "mvp",
-                    "pegasus", "plbart", "prophetnet", "rembert", "roberta", "roberta-prelayernorm", "roc_bert",
-                    "roformer", "trocr", "whisper", "xlm", "xlm-roberta", "xlm-roberta-xl", "xlnet", "xmod", "reformer"}
-SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-             intermediate_size=64, head_dim=8, max_position_embeddings=128, n_positions=128, moe_intermediate_size=16,
-             num_experts=4, n_routed_experts=4, num_local_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-             shared_expert_intermediate_size=32, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
-             v_head_dim=8, d_model=32, n_layers=2, n_heads=4, n_layer=2, n_head=4, n_embd=32, ffn_dim=64, num_layers=2,
-             num_heads=4, n_input_layers=1, n_output_layers=1)
+NOT_DECODER_ONLY = {
+    "bart",
+    "bert",
+    "bert-generation",
+    "big_bird",
+    "bigbird_pegasus",
+    "blenderbot",
+    "blenderbot-small",
+    "camembert",
+    "data2vec-text",
+    "electra",
+    "ernie",
+    "marian",
+    "mbart",
+    "megatron-bert",
+    "mvp",
+    "pegasus",
+    "plbart",
+    "prophetnet",
+    "rembert",
+    "roberta",
+    "roberta-prelayernorm",
+    "roc_bert",
+    "roformer",
+    "trocr",
+    "whisper",
+    "xlm",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "xlnet",
+    "xmod",
+    "reformer",
+}
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=64,
+    head_dim=8,
+    max_position_embeddings=128,
+    n_positions=128,
+    moe_intermediate_size=16,
+    num_experts=4,
+    n_routed_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    shared_expert_intermediate_size=32,
+    kv_lora_rank=8,
+    q_lora_rank=8,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_layer=2,
+    n_head=4,
+    n_embd=32,
+    ffn_dim=64,
+    num_layers=2,
+    num_heads=4,
+    n_input_layers=1,
+    n_output_layers=1,
+)
 
 
 def other_model_types() -> list[str]:

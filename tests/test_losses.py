@@ -40,7 +40,9 @@ def test_label_smoothing_ipo_hinge_robust_closed_forms():
     assert torch.allclose(margin_loss(h, BETA, "sigmoid", eps), ls)
     assert torch.allclose(margin_loss(h, BETA, "ipo"), (h - 1 / (2 * BETA)) ** 2)
     assert torch.allclose(margin_loss(h, BETA, "hinge"), torch.clamp(1 - BETA * h, min=0))
-    robust = ((1 - eps) * -torch.log(torch.sigmoid(BETA * h)) - eps * -torch.log(torch.sigmoid(-BETA * h))) / (1 - 2 * eps)
+    robust = ((1 - eps) * -torch.log(torch.sigmoid(BETA * h)) - eps * -torch.log(torch.sigmoid(-BETA * h))) / (
+        1 - 2 * eps
+    )
     assert torch.allclose(margin_loss(h, BETA, "robust", eps), robust)
 
 

@@ -23,8 +23,15 @@ ALGORITHMS = ["fedavg", "scaffold", "dsgd", "gradient_tracking"]  # size- and un
 def table(loss_type, label_smoothing=0.0, batch_size="full", rounds=10):
     return {
         "seed": 0,
-        "data": {"num_clients": 8, "pairs_per_client": 60, "eval_pairs_per_client": 20, "dim": 6,
-                 "num_actions": 4, "heterogeneity": 1.5, "size_skew": 0.5},
+        "data": {
+            "num_clients": 8,
+            "pairs_per_client": 60,
+            "eval_pairs_per_client": 20,
+            "dim": 6,
+            "num_actions": 4,
+            "heterogeneity": 1.5,
+            "size_skew": 0.5,
+        },
         "policy": {"kind": "loglinear", "beta": 1.0, "loss_type": loss_type, "label_smoothing": label_smoothing},
         "algorithm": {"rounds": rounds, "local_steps": 3, "lr": 0.3, "batch_size": batch_size},
         "topology": {"graph": "ring"},
@@ -77,7 +84,9 @@ def test_optimality_gap_is_never_negative_and_f_star_is_certified(tmp_path, loss
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_experiment(from_dict(cfg), tmp_path / "run", progress=False)
-    solver_warnings = [str(w.message) for w in caught if "unbounded below" in str(w.message) or "solver" in str(w.message)]
+    solver_warnings = [
+        str(w.message) for w in caught if "unbounded below" in str(w.message) or "solver" in str(w.message)
+    ]
     assert bool(solver_warnings) == unbounded, solver_warnings
     rows, summary = read_run(tmp_path / "run")
     assert len(rows) == len(ALGORITHMS) * (cfg["algorithm"]["rounds"] + 1)
@@ -136,8 +145,9 @@ def test_hinge_lp_optimum_agrees_with_independent_computations(name):
 
     assert sol.f_star == pytest.approx(hinge(sol.theta.numpy()), abs=1e-12)
     # The dual LP, set up on its own: any 0 ≤ λ ≤ w with Zᵀλ = 0 gives f(θ) ≥ Σ λ_k (1 + β b_k) for every θ.
-    dual = scipy.optimize.linprog(-(1.0 + beta * b), A_eq=Z.T, b_eq=np.zeros(Z.shape[1]),
-                                  bounds=list(zip(np.zeros_like(w), w)), method="highs")
+    dual = scipy.optimize.linprog(
+        -(1.0 + beta * b), A_eq=Z.T, b_eq=np.zeros(Z.shape[1]), bounds=list(zip(np.zeros_like(w), w)), method="highs"
+    )
     assert dual.status == 0
     assert -dual.fun == pytest.approx(sol.f_star, abs=1e-9)
     # A smoothed hinge τ·softplus((1 − βh)/τ) lies in [relu, relu + τ log 2]: its minimum brackets f★.
@@ -147,15 +157,23 @@ def test_hinge_lp_optimum_agrees_with_independent_computations(name):
         u = (1.0 - beta * (Z @ theta - b)) / tau
         return tau * (w @ np.logaddexp(0.0, u)), -beta * (Z.T @ (w / (1.0 + np.exp(-u))))
 
-    res = scipy.optimize.minimize(smooth, task.data.theta_ref.numpy(), jac=True, method="L-BFGS-B",
-                                  options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000})
+    res = scipy.optimize.minimize(
+        smooth,
+        task.data.theta_ref.numpy(),
+        jac=True,
+        method="L-BFGS-B",
+        options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000},
+    )
     assert sol.f_star - 1e-12 <= res.fun <= sol.f_star + tau * math.log(2) + 1e-6
     assert hinge(res.x) >= sol.f_star - 1e-12
     # No θ does better: the reference, random points and points near θ★ at several scales.
     g = np.random.default_rng(0)
     star = sol.theta.numpy()
-    for theta in [task.data.theta_ref.numpy(), *g.normal(size=(50, len(star))),
-                  *(star + s * g.normal(size=len(star)) for s in (1e-6, 1e-3, 1e-1, 1.0) for _ in range(50))]:
+    for theta in [
+        task.data.theta_ref.numpy(),
+        *g.normal(size=(50, len(star))),
+        *(star + s * g.normal(size=len(star)) for s in (1e-6, 1e-3, 1e-1, 1.0) for _ in range(50)),
+    ]:
         assert hinge(theta) >= sol.f_star - 1e-12
 
 
@@ -200,7 +218,12 @@ def test_robust_bounded_newton_matches_independent_minimizer():
         grad = beta * Z.T @ (w * (-(1 - eps) * (1 - s) - eps * s) / (1 - 2 * eps))
         return val, grad
 
-    res = scipy.optimize.minimize(robust, task.data.theta_ref.numpy(), jac=True, method="L-BFGS-B",
-                                  options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000})
+    res = scipy.optimize.minimize(
+        robust,
+        task.data.theta_ref.numpy(),
+        jac=True,
+        method="L-BFGS-B",
+        options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000},
+    )
     assert sol.f_star == pytest.approx(res.fun, abs=1e-10)
     assert sol.f_star <= res.fun + 1e-12

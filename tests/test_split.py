@@ -13,7 +13,11 @@ from distdpo.config import from_dict
 from distdpo.data.partition import prompt_key, train_eval_split
 from distdpo.data.split import split_text_data
 
-EXAMPLE_DATA = [("pandalm_decentralized.toml", PANDALM), ("hh_fedavg_dirichlet.toml", HH), ("hhh_by_category.toml", HHH)]
+EXAMPLE_DATA = [
+    ("pandalm_decentralized.toml", PANDALM),
+    ("hh_fedavg_dirichlet.toml", HH),
+    ("hhh_by_category.toml", HHH),
+]
 
 
 def _read(path):
@@ -48,18 +52,39 @@ def test_split_command_writes_each_client_and_no_held_out_prompt_is_trained_on(e
 
 
 def test_pandalm_votes_have_duplicates_across_annotators():
-    cfg = from_dict({"data": {"source": str(need(PANDALM)), "format": "pandalm", "partition": "natural",
-                              "label_column": "annotator", "eval_fraction": 0.15}, "policy": {"kind": "causal_lm"}})
+    cfg = from_dict(
+        {
+            "data": {
+                "source": str(need(PANDALM)),
+                "format": "pandalm",
+                "partition": "natural",
+                "label_column": "annotator",
+                "eval_fraction": 0.15,
+            },
+            "policy": {"kind": "causal_lm"},
+        }
+    )
     s = split_text_data(cfg).stats
     assert s["exact_duplicates"] > 1000 and s["pairs_sharing_prompt"] > 2000  # the leak the grouping prevents
 
 
-@pytest.mark.parametrize("partition,label", [("iid", ""), ("dirichlet", "application"), ("natural", "annotator"),
-                                             ("quantity", "")])
+@pytest.mark.parametrize(
+    "partition,label", [("iid", ""), ("dirichlet", "application"), ("natural", "annotator"), ("quantity", "")]
+)
 def test_every_partition_holds_out_whole_prompts(partition, label):
-    cfg = from_dict({"data": {"source": str(need(PANDALM)), "format": "pandalm", "partition": partition,
-                              "label_column": label, "num_clients": 3 if partition == "natural" else 5,
-                              "eval_fraction": 0.2}, "policy": {"kind": "causal_lm"}})
+    cfg = from_dict(
+        {
+            "data": {
+                "source": str(need(PANDALM)),
+                "format": "pandalm",
+                "partition": partition,
+                "label_column": label,
+                "num_clients": 3 if partition == "natural" else 5,
+                "eval_fraction": 0.2,
+            },
+            "policy": {"kind": "causal_lm"},
+        }
+    )
     split = split_text_data(cfg)
     key = lambda i: prompt_key(split.data.prompt[i])  # noqa: E731
     train = {key(i) for t in split.train for i in t}

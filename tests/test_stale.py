@@ -26,10 +26,13 @@ def _hhh_file(tmp_path, swap=False, n=40):
 
 
 def _config(tmp_path, data, **engine):
-    lines = [f'[data]\nsource = "{data}"\nformat = "trl"\nnum_clients = 2\neval_fraction = 0.2\nloss_pairs_per_client = 2',
-             '[policy]\nkind = "causal_lm"\nmodel = "builtin:gpt2-tiny"\nmax_length = 48\nlora_r = 2\ntokenizer_vocab_size = 300',
-             '[algorithm]\nrounds = 2\nlocal_steps = 1\nbatch_size = 2\nlr = 0.5',
-             "[engine]\nprogress = false\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in engine.items())]
+    lines = [
+        f'[data]\nsource = "{data}"\nformat = "trl"\nnum_clients = 2\neval_fraction = 0.2\nloss_pairs_per_client = 2',
+        '[policy]\nkind = "causal_lm"\nmodel = "builtin:gpt2-tiny"\nmax_length = 48\nlora_r = 2\n'
+        "tokenizer_vocab_size = 300",
+        "[algorithm]\nrounds = 2\nlocal_steps = 1\nbatch_size = 2\nlr = 0.5",
+        "[engine]\nprogress = false\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in engine.items()),
+    ]
     path = tmp_path / "cfg.toml"
     path.write_text("\n".join(lines))
     return path

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+from helpers import make_config
 
 from distdpo import build
 from distdpo.data.synthetic import make_synthetic
 from distdpo.policies import LogLinearPolicy, MLPPolicy
 from distdpo.solver import solve_centralized
-from helpers import make_config
 
 
 def test_synthetic_ground_truth():
@@ -32,7 +32,9 @@ def test_labels_follow_the_users_true_rewards():
 
 @pytest.mark.parametrize("kind", ["loglinear", "mlp"])
 def test_gradient_matches_finite_differences(kind):
-    cfg = make_config(policy={"kind": kind, "hidden_size": 5, "beta": 0.7}, engine={"dtype": "float64", "progress": False})
+    cfg = make_config(
+        policy={"kind": kind, "hidden_size": 5, "beta": 0.7}, engine={"dtype": "float64", "progress": False}
+    )
     task = build.build_task(cfg)
     g = torch.Generator().manual_seed(0)
     X = task.initial_params().expand(3, -1) + 0.3 * torch.randn(3, task.num_params, generator=g, dtype=torch.float64)
@@ -47,7 +49,9 @@ def test_gradient_matches_finite_differences(kind):
             up, _ = task.loss_and_grad(X + E, nodes, batch)
             down, _ = task.loss_and_grad(X - E, nodes, batch)
             assert grad[row, j].item() == pytest.approx(((up - down)[row] / (2 * eps)).item(), rel=1e-6, abs=1e-9)
-            assert torch.allclose((up - down)[torch.arange(3) != row], torch.zeros(2, dtype=torch.float64))  # rows independent
+            assert torch.allclose(
+                (up - down)[torch.arange(3) != row], torch.zeros(2, dtype=torch.float64)
+            )  # rows independent
 
 
 def test_loglinear_log_odds_and_normalization():
@@ -87,7 +91,9 @@ def test_solver_matches_scipy_on_independent_numpy_loss():
         h = beta * (z @ (theta - ref))
         return np.logaddexp(0, -h).mean(), -(beta / (1 + np.exp(h)))[:, None].__mul__(z).mean(0)
 
-    res = scipy.optimize.minimize(f, ref, jac=True, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000})
+    res = scipy.optimize.minimize(
+        f, ref, jac=True, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000}
+    )
     assert sol.converged
     assert sol.f_star == pytest.approx(res.fun, abs=1e-10)
     np.testing.assert_allclose(sol.theta.numpy(), res.x, atol=1e-5)
@@ -105,8 +111,12 @@ def test_heterogeneity_and_grad_noise_against_direct_loops():
         Ni = int(task.client_sizes[i])
         per_pair = []
         for j in range(Ni):
-            b = type(task.sample_batch(torch.Generator(), 1))(torch.tensor([[j]]), torch.ones(1, 1, dtype=torch.float64))
-            _, g = task._loss_and_grad(theta[None], task._pairs64[i:i + 1, j:j + 1], task._ref_log_odds64[i:i + 1, j:j + 1], b.scale)
+            b = type(task.sample_batch(torch.Generator(), 1))(
+                torch.tensor([[j]]), torch.ones(1, 1, dtype=torch.float64)
+            )
+            _, g = task._loss_and_grad(
+                theta[None], task._pairs64[i : i + 1, j : j + 1], task._ref_log_odds64[i : i + 1, j : j + 1], b.scale
+            )
             per_pair.append(g[0])
         G = torch.stack(per_pair)
         grads.append(G.mean(0))

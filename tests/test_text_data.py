@@ -164,10 +164,13 @@ def test_trl_explicit_file_types(tmp_path, kind):
 
 
 def test_trl_implicit_prompt(tmp_path):
-    path = write_jsonl(tmp_path / "i.jsonl", [
-        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
-        {"chosen": "abc", "rejected": "abd"},
-    ])
+    path = write_jsonl(
+        tmp_path / "i.jsonl",
+        [
+            {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+            {"chosen": "abc", "rejected": "abd"},
+        ],
+    )
     d = load_preferences(path)
     # longest common prefix; a trailing space moves to the completions (as TRL)
     assert d.prompt == ["The sky is", "ab"]
@@ -222,8 +225,24 @@ def test_trl_conversational_chat_template(tmp_path):
 
 def test_shp_ties_and_domain(tmp_path):
     rows = [
-        {"history": "H1", "human_ref_A": "a1", "human_ref_B": "b1", "labels": 1, "score_A": 5, "score_B": 2, "domain": "askculinary"},
-        {"history": "H2", "human_ref_A": "a2", "human_ref_B": "b2", "labels": 0, "score_A": 1, "score_B": 9, "domain": "askphysics"},
+        {
+            "history": "H1",
+            "human_ref_A": "a1",
+            "human_ref_B": "b1",
+            "labels": 1,
+            "score_A": 5,
+            "score_B": 2,
+            "domain": "askculinary",
+        },
+        {
+            "history": "H2",
+            "human_ref_A": "a2",
+            "human_ref_B": "b2",
+            "labels": 0,
+            "score_A": 1,
+            "score_B": 9,
+            "domain": "askphysics",
+        },
         {"history": "H3", "human_ref_A": "a3", "human_ref_B": "b3", "score_A": 4, "score_B": 4, "domain": "askphysics"},
         {"history": "H4", "human_ref_A": "a4", "human_ref_B": "b4", "score_A": 1, "score_B": 3, "domain": "askhistory"},
     ]
@@ -295,7 +314,15 @@ def test_missing_field(tmp_path):
 
 
 def test_pandalm_missing_field_line(tmp_path):
-    item = {"instruction": "I", "input": "", "response1": "r1", "response2": "r2", "annotator1": 1, "annotator2": 0, "annotator3": 2}
+    item = {
+        "instruction": "I",
+        "input": "",
+        "response1": "r1",
+        "response2": "r2",
+        "annotator1": 1,
+        "annotator2": 0,
+        "annotator3": 2,
+    }
     path = tmp_path / "p.json"
     path.write_text(json.dumps([item, {k: v for k, v in item.items() if k != "response2"}], indent=2))
     with pytest.raises(DataFormatError, match=r"p\.json:11: missing field 'response2'"):

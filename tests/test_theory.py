@@ -5,16 +5,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import make_config
 
 from distdpo import build, theory
 from distdpo.losses import margin_loss
 from distdpo.solver import solve_centralized
 from distdpo.topology import make_topology
-from helpers import make_config
 
 
 def _task(**policy):
-    cfg = make_config(data={"heterogeneity": 2.0, "size_skew": 0.5}, policy=policy, engine={"dtype": "float64", "progress": False})
+    cfg = make_config(
+        data={"heterogeneity": 2.0, "size_skew": 0.5}, policy=policy, engine={"dtype": "float64", "progress": False}
+    )
     task = build.build_task(cfg)
     return task, build.client_weights(cfg, task.client_sizes)
 
@@ -22,10 +24,16 @@ def _task(**policy):
 def _thetas(task, weights):
     star = solve_centralized(task, weights).theta
     g = torch.Generator().manual_seed(3)
-    return [star, task.initial_params().to(torch.float64), star + torch.randn(task.num_params, generator=g, dtype=torch.float64)]
+    return [
+        star,
+        task.initial_params().to(torch.float64),
+        star + torch.randn(task.num_params, generator=g, dtype=torch.float64),
+    ]
 
 
-@pytest.mark.parametrize("policy", [{"beta": 1.0}, {"beta": 0.4, "label_smoothing": 0.2}, {"beta": 2.0, "loss_type": "ipo"}])
+@pytest.mark.parametrize(
+    "policy", [{"beta": 1.0}, {"beta": 0.4, "label_smoothing": 0.2}, {"beta": 2.0, "loss_type": "ipo"}]
+)
 def test_smoothness_bound_dominates_power_iteration_which_matches_eigvalsh(policy):
     task, w = _task(**policy)
     L = theory.smoothness_bound(task, w)
@@ -49,7 +57,9 @@ def test_smoothness_bound_is_the_closed_form():
         Ni = int(task.client_sizes[i])
         for j in range(Ni):
             M += w[i] / Ni * torch.outer(z[i, j], z[i, j])
-    assert theory.smoothness_bound(task, w) == pytest.approx(0.7**2 / 4 * float(torch.linalg.eigvalsh(M)[-1]), rel=1e-10)
+    assert theory.smoothness_bound(task, w) == pytest.approx(
+        0.7**2 / 4 * float(torch.linalg.eigvalsh(M)[-1]), rel=1e-10
+    )
     hinge, wh = _task(loss_type="hinge")
     assert theory.smoothness_bound(hinge, wh) is None
     mlp, wm = _task(kind="mlp", hidden_size=3)
@@ -79,8 +89,10 @@ def test_heterogeneity_and_noise_match_a_per_client_loop():
     assert theory.grad_noise(task, theta) == pytest.approx(float(torch.stack(per_pair).mean()), rel=1e-9)
 
 
-@pytest.mark.parametrize("graph, n", [("ring", 9), ("path", 6), ("star", 7), ("torus", 12), ("exponential", 10), ("complete", 5),
-                                      ("erdos_renyi", 12)])
+@pytest.mark.parametrize(
+    "graph, n",
+    [("ring", 9), ("path", 6), ("star", 7), ("torus", 12), ("exponential", 10), ("complete", 5), ("erdos_renyi", 12)],
+)
 def test_spectral_gap_matches_numpy_eig(graph, n):
     topo = make_topology(graph, n, seed=1, er_p=0.6 if graph == "erdos_renyi" else None)
     ev = np.sort(np.linalg.eig(topo.W)[0].real)
@@ -95,7 +107,9 @@ def test_rate_forms():
     assert theory.partial_participation_floor(0.5, 1.0, 8, 8) == 0.0
     assert theory.partial_participation_floor(0.5, 1.0, 1, 8) > theory.partial_participation_floor(0.5, 1.0, 4, 8)
     assert theory.staleness_floor(0.5, 0, 1.0, batch_size=8) == 0.0
-    assert theory.staleness_floor(0.5, 4, 1.0, batch_size=8) == pytest.approx(2 * theory.staleness_floor(0.5, 2, 1.0, batch_size=8))
+    assert theory.staleness_floor(0.5, 4, 1.0, batch_size=8) == pytest.approx(
+        2 * theory.staleness_floor(0.5, 2, 1.0, batch_size=8)
+    )
     ring, complete = make_topology("ring", 8), make_topology("complete", 8)
     # complete graph: every non-consensus eigenvalue is 0, up to eigvalsh's rounding of n·ε each
     assert theory.dsgd_consensus_spectral(0.5, 1.0, complete.W) <= 0.5**2 * (8 * np.finfo(float).eps) ** 2
@@ -123,7 +137,10 @@ def test_finite_difference_power_iteration_matches_eigvalsh(policy):
         return torch.autograd.grad(task.objective(t, w), t)[0]
 
     g = torch.Generator().manual_seed(4)
-    for theta in (task.initial_params().to(torch.float64), torch.randn(task.num_params, generator=g, dtype=torch.float64)):
+    for theta in (
+        task.initial_params().to(torch.float64),
+        torch.randn(task.num_params, generator=g, dtype=torch.float64),
+    ):
         eig = theory.hessian_eigenvalues(task, w, theta)
         largest = float(eig[eig.abs().argmax()])  # power iteration finds the eigenvalue largest in modulus
         fd, _ = theory.hessian_top_eigenpair_fd(grad, theta, iters=500, tol=1e-12, eps=1e-4)

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_DATA
 
+from distdpo.cli import build_parser
 from distdpo.config import load
 from distdpo.engines.torchdist import block
 from distdpo.experiment import run_experiment
-from distdpo.cli import build_parser
-from helpers import TINY_DATA
 
 # n = 6 nodes; every algorithm of the issue on a ring, an Erdős–Rényi graph and a time-varying graph.
 # S = 4 of 6 clients: with 3 ranks some rank often holds no sampled client.
@@ -59,8 +59,18 @@ def _free_port() -> int:
 
 
 def _torchrun(nproc: int, config: Path, *args: str, fault: str = "", timeout: float = 150, new_session: bool = False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "-m", "distdpo", str(config), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "-m",
+        "distdpo",
+        str(config),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DISTDPO_FAULT", None)
     if fault:
@@ -82,7 +92,12 @@ def _assert_same_finals(expected: dict, got: dict, rtol=1e-5):
         for key, value in run["final"].items():
             if key in UNTIMED or key.startswith("comm_") or not isinstance(value, (int, float, type(None))):
                 continue
-            assert _close(value, got["runs"][label]["final"][key], rtol), (label, key, value, got["runs"][label]["final"][key])
+            assert _close(value, got["runs"][label]["final"][key], rtol), (
+                label,
+                key,
+                value,
+                got["runs"][label]["final"][key],
+            )
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +134,9 @@ def test_torchdist_matches_simulator(equiv, nproc):
 
 def test_dead_rank_fails_fast_naming_it(tmp_path):
     (tmp_path / "cfg.toml").write_text(FAULT)
-    proc, elapsed = _torchrun(2, tmp_path / "cfg.toml", "--out", str(tmp_path / "out"), "--set", "engine.name=torchdist",
-                              fault="exit:1:3")
+    proc, elapsed = _torchrun(
+        2, tmp_path / "cfg.toml", "--out", str(tmp_path / "out"), "--set", "engine.name=torchdist", fault="exit:1:3"
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert elapsed < 60
@@ -130,8 +146,9 @@ def test_dead_rank_fails_fast_naming_it(tmp_path):
 
 def test_hung_rank_is_named_within_the_timeout(tmp_path):
     (tmp_path / "cfg.toml").write_text(FAULT)
-    proc, elapsed = _torchrun(2, tmp_path / "cfg.toml", "--out", str(tmp_path / "out"), "--set", "engine.name=torchdist",
-                              fault="hang:1:3")
+    proc, elapsed = _torchrun(
+        2, tmp_path / "cfg.toml", "--out", str(tmp_path / "out"), "--set", "engine.name=torchdist", fault="hang:1:3"
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "rank 1 stopped responding at round 3" in out, out[-3000:]
@@ -140,8 +157,15 @@ def test_hung_rank_is_named_within_the_timeout(tmp_path):
 
 def test_killed_job_resumes_to_the_uninterrupted_numbers(tmp_path):
     (tmp_path / "cfg.toml").write_text(FAULT)
-    sets = ["--set", "engine.name=torchdist", "--set", "engine.checkpoint_every=3",
-            "--set", f"engine.checkpoint_dir={tmp_path / 'ckpt'}", "--no-progress"]
+    sets = [
+        "--set",
+        "engine.name=torchdist",
+        "--set",
+        "engine.checkpoint_every=3",
+        "--set",
+        f"engine.checkpoint_dir={tmp_path / 'ckpt'}",
+        "--no-progress",
+    ]
     out = tmp_path / "out"
     # SIGKILL to the launcher and both ranks at once at the start of round 8 (last checkpoint: round 6).
     proc, _ = _torchrun(2, tmp_path / "cfg.toml", "--out", str(out), *sets, fault="killjob:0:8", new_session=True)
@@ -162,24 +186,51 @@ def test_launch_builds_a_torchrun_command():
 
     argv = torchrun_argv(args)
     assert argv[:3] == ["--nproc-per-node=3", "--nnodes=1", "--standalone"]
-    assert argv[3:] == ["-m", "distdpo", "run", "c.toml", "--set", "algorithm.lr=0.1", "--set", 'engine.name="torchdist"',
-                        "--resume"]
+    assert argv[3:] == [
+        "-m",
+        "distdpo",
+        "run",
+        "c.toml",
+        "--set",
+        "algorithm.lr=0.1",
+        "--set",
+        'engine.name="torchdist"',
+        "--resume",
+    ]
     multi = build_parser().parse_args(
-        ["launch", "--nproc", "2", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "h:29400", "c.toml"])
+        ["launch", "--nproc", "2", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "h:29400", "c.toml"]
+    )
     assert "--rdzv-endpoint=h:29400" in torchrun_argv(multi) and "--node-rank=1" in torchrun_argv(multi)
 
 
 def test_ctrl_c_stops_every_rank_cleanly(tmp_path):
     (tmp_path / "cfg.toml").write_text(FAULT)
     ckpt = tmp_path / "ckpt" / "run" / "checkpoint.json"
-    cmd = [sys.executable, "-m", "distdpo", "launch", "--nproc", "2", "--master-port", str(_free_port()),
-           str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "out"), "--no-progress",
-           "--set", "algorithm.rounds=1000000", "--set", "engine.checkpoint_every=5",
-           "--set", f"engine.checkpoint_dir={tmp_path / 'ckpt'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distdpo",
+        "launch",
+        "--nproc",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        str(tmp_path / "cfg.toml"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--set",
+        "algorithm.rounds=1000000",
+        "--set",
+        "engine.checkpoint_every=5",
+        "--set",
+        f"engine.checkpoint_dir={tmp_path / 'ckpt'}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DISTDPO_FAULT", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)

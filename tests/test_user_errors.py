@@ -46,11 +46,20 @@ def refused(capsys, argv, *needles, code=2):
 
 
 def text_config(tmp_path, source, **policy):
-    pol = {"kind": "causal_lm", "model": "builtin:gpt2-tiny", "max_length": 48, "lora_r": 2, "tokenizer_vocab_size": 300,
-           **policy}
-    lines = [f'[data]\nsource = "{source}"\nnum_clients = 2\nloss_pairs_per_client = 2\neval_fraction = 0.2',
-             "[policy]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in pol.items()),
-             "[algorithm]\nrounds = 1\nlocal_steps = 1\nbatch_size = 2\nlr = 0.5", "[engine]\nprogress = false"]
+    pol = {
+        "kind": "causal_lm",
+        "model": "builtin:gpt2-tiny",
+        "max_length": 48,
+        "lora_r": 2,
+        "tokenizer_vocab_size": 300,
+        **policy,
+    }
+    lines = [
+        f'[data]\nsource = "{source}"\nnum_clients = 2\nloss_pairs_per_client = 2\neval_fraction = 0.2',
+        "[policy]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in pol.items()),
+        "[algorithm]\nrounds = 1\nlocal_steps = 1\nbatch_size = 2\nlr = 0.5",
+        "[engine]\nprogress = false",
+    ]
     return write(tmp_path / "text.toml", "\n".join(lines))
 
 
@@ -85,8 +94,16 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_directory(tmp_path
     out = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(out)]) == 0
     holder = subprocess.Popen(  # another process, writing the same directory
-        [sys.executable, "-c", "import sys, time; from distdpo import rundir; rundir.lock(__import__('pathlib').Path(sys.argv[1]));"
-         "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from distdpo import rundir; rundir.lock(__import__('pathlib').Path(sys.argv[1]));"
+            "print('held', flush=True); time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         refused(capsys, ["run", str(cfg), "--out", str(out), "--resume"], "another distdpo process", str(holder.pid))
@@ -99,8 +116,10 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_directory(tmp_path
 # ---- values, data and models
 
 
-@pytest.mark.parametrize("key,value", [("algorithm.lr", "inf"), ("engine.timeout_s", "inf"), ("data.reward_scale", "inf"),
-                                       ("algorithm.lr", "nan")])
+@pytest.mark.parametrize(
+    "key,value",
+    [("algorithm.lr", "inf"), ("engine.timeout_s", "inf"), ("data.reward_scale", "inf"), ("algorithm.lr", "nan")],
+)
 def test_non_finite_values_are_refused(tmp_path, capsys, key, value):
     cfg = write(tmp_path / "cfg.toml", SYNTH)
     refused(capsys, ["run", str(cfg), "--out", str(tmp_path / "o"), "--set", f"{key}={value}"], key, "finite")
@@ -122,21 +141,33 @@ def test_hub_ids_offline_fail_fast_with_the_way_out(tmp_path):
     """HF_HUB_OFFLINE set (as a user without a network sets it): one line naming the key and the way out, at once."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # and an empty cache
     data = hhh_file(tmp_path)
-    for cfg, key in ((write(tmp_path / "d.toml", text_config(tmp_path, "someone/some-prefs").read_text()), "data.source"),
-                     (write(tmp_path / "m.toml", text_config(tmp_path, data, model="someone/some-model").read_text()),
-                      "policy.model")):
-        proc = subprocess.run([sys.executable, "-m", "distdpo", "run", str(cfg), "--out", str(tmp_path / key)],
-                              env=env, capture_output=True, text=True, timeout=120)
+    for cfg, key in (
+        (write(tmp_path / "d.toml", text_config(tmp_path, "someone/some-prefs").read_text()), "data.source"),
+        (
+            write(tmp_path / "m.toml", text_config(tmp_path, data, model="someone/some-model").read_text()),
+            "policy.model",
+        ),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "distdpo", "run", str(cfg), "--out", str(tmp_path / key)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert key in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr and "local path" in proc.stderr
         assert "Retrying" not in proc.stderr  # no minute of HTTP retries before the answer
 
 
-@pytest.mark.parametrize("policy,needle", [
-    ({"model": "./no/such/model"}, "no such file or directory"),
-    ({"model": "builtin:gpt9-huge"}, "no such built-in model"),
-    ({"max_length": 4}, "policy.max_length = 4"),
-])
+@pytest.mark.parametrize(
+    "policy,needle",
+    [
+        ({"model": "./no/such/model"}, "no such file or directory"),
+        ({"model": "builtin:gpt9-huge"}, "no such built-in model"),
+        ({"max_length": 4}, "policy.max_length = 4"),
+    ],
+)
 def test_bad_models_and_lengths(tmp_path, capsys, policy, needle):
     cfg = text_config(tmp_path, hhh_file(tmp_path), **policy)
     refused(capsys, ["run", str(cfg), "--out", str(tmp_path / "o")], needle)
@@ -150,8 +181,12 @@ def test_data_source_that_is_a_directory(tmp_path, capsys):
 
 def test_edge_list_with_a_huge_label_is_refused_without_allocating(tmp_path, capsys):
     edges = write(tmp_path / "g.edges", "0 1\n1 2\n2 99999999999999\n")
-    cfg = write(tmp_path / "cfg.toml", SYNTH.replace("[engine]", f'[topology]\ngraph = "{edges}"\n[engine]')
-                .replace("lr = 0.3", 'lr = 0.3\nname = "dsgd"'))
+    cfg = write(
+        tmp_path / "cfg.toml",
+        SYNTH.replace("[engine]", f'[topology]\ngraph = "{edges}"\n[engine]').replace(
+            "lr = 0.3", 'lr = 0.3\nname = "dsgd"'
+        ),
+    )
     refused(capsys, ["run", str(cfg), "--out", str(tmp_path / "o")], str(edges), "are missing")
 
 
@@ -169,12 +204,15 @@ def test_damaged_checkpoint_json_is_named(tmp_path, capsys):
     refused(capsys, ["run", str(cfg), "--out", str(tmp_path / "c"), *sets], str(ck), "'round'")
 
 
-@pytest.mark.parametrize("name,damage,needle", [
-    ("summary.json", "{not json", "summary.json is not valid JSON"),
-    ("metrics.csv", None, "metrics.csv is missing"),
-    ("config.toml", None, "config.toml is missing"),
-    ("metrics.csv", "x,y\n1,2\n", "metrics.csv cannot be read"),
-])
+@pytest.mark.parametrize(
+    "name,damage,needle",
+    [
+        ("summary.json", "{not json", "summary.json is not valid JSON"),
+        ("metrics.csv", None, "metrics.csv is missing"),
+        ("config.toml", None, "config.toml is missing"),
+        ("metrics.csv", "x,y\n1,2\n", "metrics.csv cannot be read"),
+    ],
+)
 def test_resume_of_a_damaged_run_directory_names_the_file(tmp_path, capsys, name, damage, needle):
     cfg = write(tmp_path / "cfg.toml", SYNTH)
     out = tmp_path / "run"
@@ -190,8 +228,14 @@ def test_resume_of_a_damaged_run_directory_names_the_file(tmp_path, capsys, name
 
 def test_sweep_with_very_long_labels_checkpoints(tmp_path):
     cfg = write(tmp_path / "cfg.toml", SYNTH)
-    sets = ["--set", f'engine.checkpoint_dir="{tmp_path / "ck"}"', "--set", "engine.checkpoint_every=1",
-            "--set", f'sweep.data.label_column=["{"a" * 300}", "{"b" * 300}"]']  # (unused by synthetic data)
+    sets = [
+        "--set",
+        f'engine.checkpoint_dir="{tmp_path / "ck"}"',
+        "--set",
+        "engine.checkpoint_every=1",
+        "--set",
+        f'sweep.data.label_column=["{"a" * 300}", "{"b" * 300}"]',
+    ]  # (unused by synthetic data)
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), *sets]) == 0
     folders = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert len(folders) == 2 and all(len(name) <= 100 for name in folders)
@@ -214,7 +258,9 @@ def test_diverging_sweep_point_is_recorded_and_the_others_finish(tmp_path, capsy
 
 def test_diverging_language_model_run_is_recorded(tmp_path, capsys):
     cfg = text_config(tmp_path, hhh_file(tmp_path))
-    cfg.write_text(cfg.read_text().replace("rounds = 1", "rounds = 2") + '\n[sweep]\n"algorithm.lr" = [0.5, 1e6, 0.1]\n')
+    cfg.write_text(
+        cfg.read_text().replace("rounds = 1", "rounds = 2") + '\n[sweep]\n"algorithm.lr" = [0.5, 1e6, 0.1]\n'
+    )
     out = tmp_path / "o"
     refused(capsys, ["run", str(cfg), "--out", str(out)], "diverged", code=1)
     runs = json.loads((out / "summary.json").read_text())["runs"]
@@ -227,8 +273,22 @@ def test_diverging_language_model_run_is_recorded(tmp_path, capsys):
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the ranks through /proc (Linux)")
 def test_killing_launch_takes_its_ranks_down(tmp_path):
     cfg = write(tmp_path / "cfg.toml", SYNTH.replace("rounds = 3", "rounds = 100000"))
-    launcher = subprocess.Popen([sys.executable, "-m", "distdpo", "launch", "--nproc", "2", str(cfg), "--out",
-                                 str(tmp_path / "o"), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distdpo",
+            "launch",
+            "--nproc",
+            "2",
+            str(cfg),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def ranks():  # the worker processes of this job, from /proc (Linux)
         found = []
@@ -270,8 +330,13 @@ def test_outputs_are_readable_by_the_users_group(tmp_path):
 
 
 def test_what_a_run_silently_does_is_warned_once_and_recorded(tmp_path, capsys, caplog):
-    cfg = write(tmp_path / "cfg.toml", SYNTH.replace("[engine]", '[topology]\ngraph = "torus"\n[engine]')
-                .replace("lr = 0.3", "lr = 0.3\nbatch_size = 100") + '[sweep]\n"algorithm.local_steps" = [1, 2]\n')
+    cfg = write(
+        tmp_path / "cfg.toml",
+        SYNTH.replace("[engine]", '[topology]\ngraph = "torus"\n[engine]').replace(
+            "lr = 0.3", "lr = 0.3\nbatch_size = 100"
+        )
+        + '[sweep]\n"algorithm.local_steps" = [1, 2]\n',
+    )
     with caplog.at_level("WARNING", logger="distdpo"):
         assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -290,8 +355,12 @@ def test_a_natural_split_with_a_client_without_held_out_pairs_is_warned(tmp_path
     rows = [{"prompt": f"p{i % 5}", "chosen": f"good {i}", "rejected": f"bad {i}", "user": "a"} for i in range(10)]
     rows.append({"prompt": "q", "chosen": "good", "rejected": "bad", "user": "b"})  # one pair: kept for training
     data = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    cfg = from_dict({"data": {"source": str(data), "partition": "natural", "label_column": "user", "eval_fraction": 0.3},
-                     "policy": {"kind": "causal_lm", "max_length": 32, "lora_r": 2, "tokenizer_vocab_size": 300},
-                     "algorithm": {"batch_size": 2}})
+    cfg = from_dict(
+        {
+            "data": {"source": str(data), "partition": "natural", "label_column": "user", "eval_fraction": 0.3},
+            "policy": {"kind": "causal_lm", "max_length": 32, "lora_r": 2, "tokenizer_vocab_size": 300},
+            "algorithm": {"batch_size": 2},
+        }
+    )
     notes = build.warnings_for(cfg, build.build_task(cfg))
     assert any("have no held-out pairs" in n for n in notes), notes

@@ -31,8 +31,13 @@ def device(cfg: Config) -> torch.device:
 
 def task_key(cfg: Config) -> tuple:
     """Runs whose configs share this key share the same task (data, policy, loss)."""
-    return (cfg.seed, json.dumps(vars(cfg.data), sort_keys=True), json.dumps(vars(cfg.policy), sort_keys=True),
-            cfg.engine.dtype, cfg.engine.device)
+    return (
+        cfg.seed,
+        json.dumps(vars(cfg.data), sort_keys=True),
+        json.dumps(vars(cfg.policy), sort_keys=True),
+        cfg.engine.dtype,
+        cfg.engine.device,
+    )
 
 
 def build_task(cfg: Config):
@@ -41,9 +46,17 @@ def build_task(cfg: Config):
         return build_text_task(cfg)
     d, p = cfg.data, cfg.policy
     data = make_synthetic(
-        num_clients=d.num_clients, pairs_per_client=d.pairs_per_client, eval_pairs_per_client=d.eval_pairs_per_client,
-        dim=d.dim, num_actions=d.num_actions, heterogeneity=d.heterogeneity, label_noise=d.label_noise,
-        size_skew=d.size_skew, reward_scale=d.reward_scale, reference_scale=d.reference_scale, seed=cfg.seed,
+        num_clients=d.num_clients,
+        pairs_per_client=d.pairs_per_client,
+        eval_pairs_per_client=d.eval_pairs_per_client,
+        dim=d.dim,
+        num_actions=d.num_actions,
+        heterogeneity=d.heterogeneity,
+        label_noise=d.label_noise,
+        size_skew=d.size_skew,
+        reward_scale=d.reward_scale,
+        reference_scale=d.reference_scale,
+        seed=cfg.seed,
     )
     if p.kind == "loglinear":
         policy, reference = LogLinearPolicy(d.dim), data.theta_ref  # the behaviour policy is the reference
@@ -51,8 +64,14 @@ def build_task(cfg: Config):
         policy = MLPPolicy(d.dim, p.hidden_size)
         reference = policy.init_params(torch.Generator().manual_seed(cfg.seed + 3))
     return FeatureTask(
-        data, policy, reference, beta=p.beta, loss_type=p.loss_type, label_smoothing=p.label_smoothing,
-        dtype=torch_dtype(cfg), device=device(cfg),
+        data,
+        policy,
+        reference,
+        beta=p.beta,
+        loss_type=p.loss_type,
+        label_smoothing=p.label_smoothing,
+        dtype=torch_dtype(cfg),
+        device=device(cfg),
     )
 
 
@@ -83,8 +102,12 @@ def build_topology(cfg: Config, num_nodes: int | None = None) -> Topology | None
     t = cfg.topology
     try:
         return make_topology(
-            t.graph, num_nodes or cfg.data.num_clients, weights=t.weights, seed=cfg.seed,
-            er_p=t.er_p or None, matrix=t.matrix or None,
+            t.graph,
+            num_nodes or cfg.data.num_clients,
+            weights=t.weights,
+            seed=cfg.seed,
+            er_p=t.er_p or None,
+            matrix=t.matrix or None,
         )
     except TopologyError as e:
         raise ConfigError(f"topology: {e}") from None
@@ -101,13 +124,17 @@ def warnings_for(cfg: Config, task) -> list[str]:
     out = []
     a = cfg.algorithm
     if a.name not in DECENTRALIZED and cfg.topology != TopologyConfig():
-        out.append(f"topology.* keys are set, but algorithm.name = {a.name!r} has no communication graph: they are ignored")
+        out.append(
+            f"topology.* keys are set, but algorithm.name = {a.name!r} has no communication graph: they are ignored"
+        )
     bs = batch_size(cfg)
     names = task.client_names
     small = [name for name, size in zip(names, task.client_sizes.tolist()) if bs is not None and bs > size]
     if small:
-        out.append(f"algorithm.batch_size = {bs} exceeds the training pairs of {len(small)} client(s) "
-                   f"({', '.join(map(str, small[:5]))}{', ...' if len(small) > 5 else ''}): they sample with replacement")
+        out.append(
+            f"algorithm.batch_size = {bs} exceeds the training pairs of {len(small)} client(s) "
+            f"({', '.join(map(str, small[:5]))}{', ...' if len(small) > 5 else ''}): they sample with replacement"
+        )
     stats = task.data_stats
     total = stats.get("tokenized_pairs", 0)
     for what in ("prompts", "completions"):
@@ -116,8 +143,10 @@ def warnings_for(cfg: Config, task) -> list[str]:
     if cfg.data.eval_fraction > 0:
         none = [name for name, size in zip(names, task.held_out_sizes()) if size == 0]
         if none:
-            out.append(f"{len(none)} client(s) have no held-out pairs ({', '.join(map(str, none[:5]))}): "
-                       "pref_accuracy leaves them out")
+            out.append(
+                f"{len(none)} client(s) have no held-out pairs ({', '.join(map(str, none[:5]))}): "
+                "pref_accuracy leaves them out"
+            )
     return out
 
 
@@ -126,18 +155,28 @@ def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights:
     a = cfg.algorithm
     spec = ALGORITHM_SPECS[a.name]
     opt = ClientOptimizer(a.optimizer, a.lr, a.weight_decay)
-    common = {"local_steps": a.local_steps, "optimizer": opt, "batch_size": batch_size(cfg), "seed": cfg.seed,
-              "dtype": torch_dtype(cfg)}
+    common = {
+        "local_steps": a.local_steps,
+        "optimizer": opt,
+        "batch_size": batch_size(cfg),
+        "seed": cfg.seed,
+        "dtype": torch_dtype(cfg),
+    }
     if spec.family == "centralized":
         return Centralized(task, weights=weights, **common)
     if spec.family == "decentralized":
         return Decentralized(task, comm, topology, tracking=spec.tracking, gossip=a.gossip, **common)
-    server = ServerOptimizer(resolve_server_optimizer(a), a.server_lr, a.server_momentum, a.server_beta2,
-                             a.server_tau)
+    server = ServerOptimizer(resolve_server_optimizer(a), a.server_lr, a.server_momentum, a.server_beta2, a.server_tau)
     return Federated(
-        task, comm, weights=weights, server=server,
-        clients_per_round=a.clients_per_round or task.num_clients, staleness=a.staleness,
-        prox_mu=a.mu if spec.prox else 0.0, scaffold=spec.scaffold, **common,
+        task,
+        comm,
+        weights=weights,
+        server=server,
+        clients_per_round=a.clients_per_round or task.num_clients,
+        staleness=a.staleness,
+        prox_mu=a.mu if spec.prox else 0.0,
+        scaffold=spec.scaffold,
+        **common,
     )
 
 
@@ -154,15 +193,37 @@ def build_text_task(cfg: Config):
     split = split_text_data(cfg)
     data, train, held_out = split.data, split.train, split.eval
     if cfg.algorithm.clients_per_round > len(train):
-        raise ConfigError(f"algorithm.clients_per_round = {cfg.algorithm.clients_per_round} exceeds the {len(train)} clients of this split")
+        raise ConfigError(
+            f"algorithm.clients_per_round = {cfg.algorithm.clients_per_round} exceeds the {len(train)} clients "
+            "of this split"
+        )
     train_ids = np.concatenate(train)
     texts = [t for i in train_ids for t in (data.prompt[i], data.chosen[i], data.rejected[i])]
-    model, tokenizer = load_model_and_tokenizer(p.model, training_texts=texts, vocab_size=p.tokenizer_vocab_size, seed=cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(
+        p.model, training_texts=texts, vocab_size=p.tokenizer_vocab_size, seed=cfg.seed
+    )
     pairs = tokenize_pairs(tokenizer, data.prompt, data.chosen, data.rejected, p.max_length)
-    policy = CausalLMPolicy(model, tokenizer, lora_r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-                            target_modules=p.lora_target_modules or None, device=device(cfg), seed=cfg.seed)
-    task = TextTask(policy, pairs, train, held_out, split.names, beta=p.beta, loss_type=p.loss_type,
-                    label_smoothing=p.label_smoothing, loss_pairs_per_client=cfg.data.loss_pairs_per_client)
+    policy = CausalLMPolicy(
+        model,
+        tokenizer,
+        lora_r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout,
+        target_modules=p.lora_target_modules or None,
+        device=device(cfg),
+        seed=cfg.seed,
+    )
+    task = TextTask(
+        policy,
+        pairs,
+        train,
+        held_out,
+        split.names,
+        beta=p.beta,
+        loss_type=p.loss_type,
+        label_smoothing=p.label_smoothing,
+        loss_pairs_per_client=cfg.data.loss_pairs_per_client,
+    )
     # The loader's counts keep their names ("pairs" = pairs loaded); tokenization's are prefixed.
     task.data_stats = {**split.stats, **{f"tokenized_{k}" if k == "pairs" else k: v for k, v in pairs.stats.items()}}
     if p.precompute_reference:

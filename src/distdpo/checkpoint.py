@@ -89,25 +89,40 @@ class RunCheckpoint:
     def due(self, round_index: int) -> bool:
         return bool(self.every) and (round_index % self.every == 0 or round_index == self.rounds)
 
-    def save(self, round_index: int, algo, rec, wall_time_s: float, extra: dict[str, torch.Tensor] | None = None) -> None:
+    def save(
+        self, round_index: int, algo, rec, wall_time_s: float, extra: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Write this rank's tensors, then (rank 0) the JSON; ``rec`` is the recorder (rank 0) or None."""
         s = self.sync
         tensors = {**algo.state_dict(), **{f"engine.{k}": v for k, v in (extra or {}).items()}}
-        write_bytes_atomic(self._tensors(round_index, s.rank),
-                           st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}))
+        write_bytes_atomic(
+            self._tensors(round_index, s.rank),
+            st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}),
+        )
         s.barrier()  # every rank's tensors are on disk before the JSON points at them
         if s.rank == 0:
-            write_json_atomic(self.dir / "checkpoint.json", {
-                "round": round_index, "world_size": s.world_size, "config": self.config, "fingerprint": self.fingerprint,
-                "wall_time_s": wall_time_s, "total_bytes": rec.total_bytes, "rows": rec.rows,
-            })
+            write_json_atomic(
+                self.dir / "checkpoint.json",
+                {
+                    "round": round_index,
+                    "world_size": s.world_size,
+                    "config": self.config,
+                    "fingerprint": self.fingerprint,
+                    "wall_time_s": wall_time_s,
+                    "total_bytes": rec.total_bytes,
+                    "rows": rec.rows,
+                },
+            )
         s.barrier()
         for old in self.dir.glob(f"r*-rank{s.rank}.safetensors"):
             if old != self._tensors(round_index, s.rank):
                 old.unlink(missing_ok=True)
 
     def restore(self, algo, rec) -> tuple[int, float, dict[str, torch.Tensor]]:
-        """Load the latest checkpoint if there is one: (round it ended, wall time, engine tensors); else (0, 0.0, {})."""
+        """Load the latest checkpoint if there is one: (round it ended, wall time, engine tensors).
+
+        Without one: (0, 0.0, {}).
+        """
         if not self.every:
             return 0, 0.0, {}
         s = self.sync
@@ -127,7 +142,7 @@ class RunCheckpoint:
         if rec is not None:
             rec.rows = [{k: _nan(v) for k, v in row.items()} for row in meta["rows"]]
             rec.total_bytes = int(meta["total_bytes"])
-        extra = {k[len("engine."):]: v for k, v in tensors.items() if k.startswith("engine.")}
+        extra = {k[len("engine.") :]: v for k, v in tensors.items() if k.startswith("engine.")}
         return int(meta["round"]), float(meta["wall_time_s"]), extra
 
     def _read_meta(self) -> dict | str | None:
@@ -138,20 +153,32 @@ class RunCheckpoint:
             meta = json.loads(path.read_text())
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
-            for key, kind in (("round", int), ("world_size", int), ("config", dict), ("rows", list),
-                              ("total_bytes", int), ("wall_time_s", (int, float))):
+            for key, kind in (
+                ("round", int),
+                ("world_size", int),
+                ("config", dict),
+                ("rows", list),
+                ("total_bytes", int),
+                ("wall_time_s", (int, float)),
+            ):
                 if not isinstance(meta.get(key), kind):
                     raise ValueError(f"its {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
         except ValueError as e:
             return f"checkpoint {path} is damaged ({e}); remove its folder or use another engine.checkpoint_dir"
         if meta["config"] != self.config:
-            return f"checkpoint {path} was written by a different config; use another engine.checkpoint_dir or remove it"
-        changed = mismatch(meta.get("fingerprint"), self.fingerprint, f"checkpoint {path}") if self.fingerprint else None
+            return (
+                f"checkpoint {path} was written by a different config; use another engine.checkpoint_dir or remove it"
+            )
+        changed = (
+            mismatch(meta.get("fingerprint"), self.fingerprint, f"checkpoint {path}") if self.fingerprint else None
+        )
         if changed:
             return f"{changed}; refusing to resume from it (use another engine.checkpoint_dir or remove it)"
         if meta["world_size"] != self.sync.world_size:
-            return (f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.sync.world_size}; "
-                    "resume with the same number of processes")
+            return (
+                f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.sync.world_size}; "
+                "resume with the same number of processes"
+            )
         if meta["round"] > self.rounds:
             return f"checkpoint {path} is at round {meta['round']}, beyond algorithm.rounds = {self.rounds}"
         return meta

@@ -41,16 +41,20 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
     cfg = load(args.config, args.set or [])
     if cfg.data.source == "synthetic":
-        raise ConfigError("distdpo split writes text preference data per client; this config's data.source is 'synthetic'")
+        raise ConfigError(
+            "distdpo split writes text preference data per client; this config's data.source is 'synthetic'"
+        )
     split = split_text_data(cfg)
     out = write_split(split, cfg, args.out)
     width = max(len(n) for n in split.names)
     for name, train, held in zip(split.names, split.train, split.eval):
         print(f"{name:<{width}}  train {len(train):>6}  eval {len(held):>5}")
     s = split.stats
-    print(f"\n{s['pairs']} pairs loaded, {s['pairs_sharing_prompt']} share a prompt with another pair, "
-          f"{s['exact_duplicates']} exact duplicates ({s['duplicates_dropped_within_client']} dropped within a client); "
-          "held-out pairs are grouped by prompt across all clients")
+    print(
+        f"\n{s['pairs']} pairs loaded, {s['pairs_sharing_prompt']} share a prompt with another pair, "
+        f"{s['exact_duplicates']} exact duplicates ({s['duplicates_dropped_within_client']} dropped within a client); "
+        "held-out pairs are grouped by prompt across all clients"
+    )
     print(f"split directory: {out}  (<client>/train.jsonl, <client>/eval.jsonl, manifest.json)")
     return 0
 
@@ -64,11 +68,21 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from distdpo.reproduce import format_claims, reproduce
 
-    out = reproduce(args.dataset, seeds=args.seeds, quick=args.quick, out=args.out, progress=not args.no_progress, resume=args.resume,
-                    command="distdpo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "")
+    out = reproduce(
+        args.dataset,
+        seeds=args.seeds,
+        quick=args.quick,
+        out=args.out,
+        progress=not args.no_progress,
+        resume=args.resume,
+        command="distdpo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "",
+    )
     summary = json.loads((out / "summary.json").read_text())
     print(format_claims(summary))
-    print(f"\nreport: {out / 'report.html'}  (report.md, figures/, metrics.csv, summary.json)  in {summary['wall_time_s']:.1f} s")
+    print(
+        f"\nreport: {out / 'report.html'}  (report.md, figures/, metrics.csv, summary.json)  "
+        f"in {summary['wall_time_s']:.1f} s"
+    )
     failures = [f"run {label}: {err}" for label, err in summary.get("failed_runs", {}).items()]
     failures += [f"analysis {exp}: {err}" for exp, err in summary.get("failed_analyses", {}).items()]
     if failures:
@@ -80,15 +94,21 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distdpo", description="Federated and decentralized Direct Preference Optimization.")
+    parser = argparse.ArgumentParser(
+        prog="distdpo", description="Federated and decentralized Direct Preference Optimization."
+    )
     parser.add_argument("--version", action="version", version=f"distdpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run an experiment config (TOML) into a run directory")
     run.add_argument("config", help="path to a TOML config")
     run.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. algorithm.lr=0.1 (repeatable)")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run directory, skipping finished runs")
+    run.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. algorithm.lr=0.1 (repeatable)"
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run directory, skipping finished runs"
+    )
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=_cmd_run)
 
@@ -98,26 +118,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     split = sub.add_parser("split", help="write each client's training and held-out pairs of a config as its own files")
     split.add_argument("config", help="path to a TOML config with text preference data")
-    split.add_argument("--out", required=True, help="a new directory: <client>/train.jsonl, <client>/eval.jsonl, manifest.json")
+    split.add_argument(
+        "--out", required=True, help="a new directory: <client>/train.jsonl, <client>/eval.jsonl, manifest.json"
+    )
     split.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     split.set_defaults(func=_cmd_split)
 
     graph = sub.add_parser("graph", help="describe a communication graph: edges, λ2, spectral gap")
     graph.add_argument("graph", help="graph name (ring, torus, …) or an edge-list file with one 'u v' pair a line")
     graph.add_argument("--nodes", "-n", type=int, help="number of nodes (required for a graph name)")
-    graph.add_argument("--weights", default="metropolis", help="mixing rule: metropolis, max_degree, lazy_metropolis, lazy_max_degree")
+    graph.add_argument(
+        "--weights", default="metropolis", help="mixing rule: metropolis, max_degree, lazy_metropolis, lazy_max_degree"
+    )
     graph.add_argument("--seed", type=int, default=0, help="seed for random graphs (erdos_renyi)")
     graph.add_argument("--p", type=float, default=None, help="edge probability for erdos_renyi")
     graph.add_argument("--json", action="store_true", help="print JSON")
     graph.set_defaults(func=_cmd_graph)
 
-    rep = sub.add_parser("reproduce", help="run the paper's experiments and write a report holding its claims against the data")
+    rep = sub.add_parser(
+        "reproduce", help="run the paper's experiments and write a report holding its claims against the data"
+    )
     rep.add_argument("--dataset", default="synthetic", help="synthetic (default), hh-rlhf or pandalm")
-    rep.add_argument("--seeds", type=int, default=None,
-                     help="seeds per configuration (default 3 for synthetic, 2 for the language-model datasets)")
+    rep.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds per configuration (default 3 for synthetic, 2 for the language-model datasets)",
+    )
     rep.add_argument("--out", help="output directory (default: runs/reproduce-<dataset>-<time>)")
     rep.add_argument("--quick", action="store_true", help="a small version of every experiment (well under a minute)")
-    rep.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, reusing its finished runs")
+    rep.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run in --out, reusing its finished runs"
+    )
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     rep.set_defaults(func=_cmd_reproduce)
     return parser

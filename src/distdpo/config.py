@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 
 # ---- algorithms: one registry that config validation, build.build_algorithm and the Flower strategies read ----
 
+
 @dataclass(frozen=True)
 class AlgorithmSpec:
     """What an ``algorithm.name`` means to the code that builds and runs it."""
@@ -79,16 +80,33 @@ CLIENT_OPTIMIZERS = ("sgd", "adamw")  # = distdpo.algorithms.optim.CLIENT_OPTIMI
 MIXING_WEIGHTS = ("metropolis", "max_degree", "lazy_metropolis", "lazy_max_degree")  # = distdpo.topology.WEIGHTS
 
 
-def option(default: Any, doc: str, *, choices: tuple | None = None, gt: float | None = None,
-           ge: float | None = None, lt: float | None = None, or_values: tuple = (), engine: str | None = None):
+def option(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple | None = None,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    or_values: tuple = (),
+    engine: str | None = None,
+):
     """A config key: its default, a one-line doc and the values it accepts, as a dataclass field.
 
     ``choices``: the allowed values; ``gt`` / ``ge`` / ``lt``: bounds (``gt=0`` positive, ``ge=0``
     non-negative, ``lt=1`` below 1); floats must also be finite. ``or_values``: values accepted besides
     numbers within the bounds (``"full"`` for a batch size). ``engine``: the only engine that reads the key.
     """
-    meta = {"doc": doc, "type": type(default), "choices": None if choices is None else tuple(choices),
-            "gt": gt, "ge": ge, "lt": lt, "or_values": tuple(or_values), "engine": engine}
+    meta = {
+        "doc": doc,
+        "type": type(default),
+        "choices": None if choices is None else tuple(choices),
+        "gt": gt,
+        "ge": ge,
+        "lt": lt,
+        "or_values": tuple(or_values),
+        "engine": engine,
+    }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -96,7 +114,7 @@ def option(default: Any, doc: str, *, choices: tuple | None = None, gt: float | 
 
 @dataclass
 class DataConfig:
-    source: str = option("synthetic", "\"synthetic\" (the personalized preference model), a file path or a hub id")
+    source: str = option("synthetic", '"synthetic" (the personalized preference model), a file path or a hub id')
     num_clients: int = option(16, "n users", gt=0)
     pairs_per_client: int = option(200, "mean training pairs per user", gt=0)
     eval_pairs_per_client: int = option(200, "held-out pairs per user", gt=0)
@@ -108,8 +126,8 @@ class DataConfig:
     reward_scale: float = option(2.0, "‖θ★‖ (≈ reward spread)", ge=0)
     reference_scale: float = option(0.5, "‖θ_ref‖ of the behaviour / reference policy", ge=0)
     # Text preference data (data.source = a file path or a Hugging Face dataset id).
-    format: str = option("auto", "record format of the preference data (\"auto\" detects it)", choices=FORMATS)
-    split: str = option("", "Hugging Face split (\"\" = train)")
+    format: str = option("auto", 'record format of the preference data ("auto" detects it)', choices=FORMATS)
+    split: str = option("", 'Hugging Face split ("" = train)')
     on_error: str = option("raise", "malformed records: raise, or skip and count them", choices=ON_ERROR)
     pandalm_mode: str = option("votes", "PandaLM: one pair per annotator vote, or the majority", choices=PANDALM_MODES)
     max_pairs: int = option(0, "a seeded random subset of this many pairs (0 = all)", ge=0)
@@ -135,7 +153,8 @@ class PolicyConfig:
     lora_alpha: float = option(16.0, "LoRA scaling", gt=0)
     lora_dropout: float = option(0.0, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list = option(  # noqa: RUF009 (option gives a list a default_factory)
-        [], "modules to adapt ([] = peft's default for the architecture)")
+        [], "modules to adapt ([] = peft's default for the architecture)"
+    )
     precompute_reference: bool = option(False, "compute and disk-cache every pair's reference log-probs up front")
     tokenizer_vocab_size: int = option(4096, "built-in models: BPE vocabulary trained on the training text", gt=0)
 
@@ -149,14 +168,18 @@ class AlgorithmConfig:
     server_lr: float = option(1.0, "server step size η_g", gt=0)
     clients_per_round: int = option(0, "S clients sampled per round (0 = every client, every round)", ge=0)
     staleness: int = option(0, "q_max: a client starts from the global model of up to q_max rounds ago", ge=0)
-    batch_size: int | str = option(32, "pairs per stochastic gradient, or \"full\"", gt=0, or_values=("full",))
-    aggregation: str = option("auto", "client weights p_i: ∝ |D_i| (size) or uniform; auto = size if federated",
-                              choices=("auto", "size", "uniform"))
+    batch_size: int | str = option(32, 'pairs per stochastic gradient, or "full"', gt=0, or_values=("full",))
+    aggregation: str = option(
+        "auto",
+        "client weights p_i: ∝ |D_i| (size) or uniform; auto = size if federated",
+        choices=("auto", "size", "uniform"),
+    )
     optimizer: str = option("sgd", "client optimizer", choices=CLIENT_OPTIMIZERS)
     weight_decay: float = option(0.0, "client weight decay", ge=0)
     mu: float = option(0.01, "FedProx μ", ge=0)
-    server_optimizer: str = option("auto", "federated server step; auto follows algorithm.name",
-                                   choices=("auto", *SERVER_OPTIMIZERS))
+    server_optimizer: str = option(
+        "auto", "federated server step; auto follows algorithm.name", choices=("auto", *SERVER_OPTIMIZERS)
+    )
     server_momentum: float = option(0.9, "server optimizer β1", ge=0, lt=1)
     server_beta2: float = option(0.99, "server optimizer β2", ge=0, lt=1)
     server_tau: float = option(1e-3, "server optimizer τ (adaptivity)", ge=0)
@@ -189,8 +212,12 @@ class EngineConfig:
     flower_cpus: int = option(0, "CPUs Ray may use in Flower's simulation (0 = all)", ge=0, engine="flower")
     flower_timeout: float = option(600.0, "seconds to wait for SuperNodes and their replies", gt=0, engine="flower")
     # Engine "torchdist" (torch.distributed ranks, launched with torchrun / distdpo launch).
-    backend: str = option("auto", "process-group backend; auto = nccl on CUDA, gloo on CPU",
-                          choices=("auto", "gloo", "nccl"), engine="torchdist")
+    backend: str = option(
+        "auto",
+        "process-group backend; auto = nccl on CUDA, gloo on CPU",
+        choices=("auto", "gloo", "nccl"),
+        engine="torchdist",
+    )
     timeout_s: float = option(60.0, "a rank silent this long fails the job, naming the rank", gt=0, engine="torchdist")
 
 
@@ -283,8 +310,9 @@ def _check(key: str, value: Any, spec: Mapping) -> Any:
         raise ConfigError(f"{key} must be a list of strings, got {value!r}")
     choices = spec["choices"]
     if choices is not None and value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-                          f"{_suggest(str(value), choices)}")
+        raise ConfigError(
+            f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}{_suggest(str(value), choices)}"
+        )
     for which, holds in _BOUNDS.items():
         limit = spec[which]
         if limit is not None and not holds(value, limit):
@@ -340,7 +368,7 @@ def from_dict(table: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> C
         _set(cfg, key, value)
     for key, value in overrides:
         if key.startswith("sweep."):
-            sweep[key[len("sweep."):]] = value
+            sweep[key[len("sweep.") :]] = value
         else:
             _set(cfg, key, value)
     cfg.sweep = {}
@@ -385,16 +413,18 @@ def validate(cfg: Config) -> None:
     a, d = cfg.algorithm, cfg.data
     spec = ALGORITHM_SPECS[a.name]
     if a.clients_per_round > d.num_clients:
-        raise ConfigError(f"algorithm.clients_per_round = {a.clients_per_round} exceeds "
-                          f"data.num_clients = {d.num_clients}")
+        raise ConfigError(
+            f"algorithm.clients_per_round = {a.clients_per_round} exceeds data.num_clients = {d.num_clients}"
+        )
     if spec.family == "decentralized" and a.aggregation == "size":
         raise ConfigError(
             "algorithm.aggregation = 'size' is impossible for decentralized algorithms: gossip with a doubly "
             "stochastic W minimizes the uniform average of the clients' losses (use 'auto' or 'uniform')"
         )
     if spec.sgd_only and a.optimizer != "sgd":
-        raise ConfigError(f"algorithm.optimizer = {a.optimizer!r}: {a.name} needs 'sgd' "
-                          "(its corrections assume SGD steps)")
+        raise ConfigError(
+            f"algorithm.optimizer = {a.optimizer!r}: {a.name} needs 'sgd' (its corrections assume SGD steps)"
+        )
     if cfg.engine.name == "flower" and (spec.family != "federated" or a.staleness):
         raise ConfigError(
             f"engine.name = 'flower' runs the federated algorithms ({', '.join(FEDERATED)}) without staleness, got "
@@ -422,8 +452,10 @@ def validate(cfg: Config) -> None:
             "policy.kind = 'causal_lm', and the synthetic model needs 'loglinear' or 'mlp'"
         )
     if text and cfg.policy.max_length < 8:
-        raise ConfigError(f"policy.max_length = {cfg.policy.max_length} cannot hold a prompt token and a completion: "
-                          "use at least 8 (tokens of prompt + completion)")
+        raise ConfigError(
+            f"policy.max_length = {cfg.policy.max_length} cannot hold a prompt token and a completion: "
+            "use at least 8 (tokens of prompt + completion)"
+        )
     if d.partition in ("dirichlet", "natural") and text and not d.label_column:
         raise ConfigError(f"data.partition = {d.partition!r} needs data.label_column (the column to split by)")
     if cfg.topology.er_p > 1:

@@ -127,7 +127,9 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
         summary: dict[str, Any] = {"data": describe_data(cfg), "engine": cfg.engine.name, "runs": {}}
         if (out / "summary.json").exists():
             if not resume:
-                raise ConfigError(f"run directory {out} already holds results; pass --resume to continue it or choose another --out")
+                raise ConfigError(
+                    f"run directory {out} already holds results; pass --resume to continue it or choose another --out"
+                )
             summary, rows = _resumable(out, config_text)
         return summary, rows
 
@@ -137,14 +139,18 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
         task = cache.task(run_cfg)
         build.build_topology(run_cfg, task.num_clients)
         if run_cfg.algorithm.clients_per_round > task.num_clients:
-            raise ConfigError(f"algorithm.clients_per_round = {run_cfg.algorithm.clients_per_round} exceeds the "
-                              f"{task.num_clients} clients of this data")
+            raise ConfigError(
+                f"algorithm.clients_per_round = {run_cfg.algorithm.clients_per_round} exceeds the "
+                f"{task.num_clients} clients of this data"
+            )
     if writer:
         write_text_atomic(out / "config.toml", config_text)
     said: set[str] = set()
     for label, run_cfg in runs.items():
         if label in summary["runs"]:
-            changed = mismatch(summary["runs"][label].get("fingerprint"), cache.fingerprint(run_cfg), f"run {label!r} in {out}")
+            changed = mismatch(
+                summary["runs"][label].get("fingerprint"), cache.fingerprint(run_cfg), f"run {label!r} in {out}"
+            )
             if changed:
                 raise ConfigError(f"cannot resume: {changed}; rerun into a new --out")
             continue
@@ -153,8 +159,16 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
         except (RuntimeError, FloatingPointError) as e:  # this run broke (a library error, memory): record it, go on
             if distributed:
                 raise  # the other ranks cannot know; torchdist reports failures itself
-            run_rows, run_summary = [], {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                                         "algorithm": run_cfg.algorithm.name, "engine": run_cfg.engine.name, "final": {}}
+            run_rows, run_summary = (
+                [],
+                {
+                    "status": "failed",
+                    "error": f"{type(e).__name__}: {e}",
+                    "algorithm": run_cfg.algorithm.name,
+                    "engine": run_cfg.engine.name,
+                    "final": {},
+                },
+            )
         notes = build.warnings_for(run_cfg, cache.task(run_cfg))
         if notes and run_summary:
             run_summary["warnings"] = notes
@@ -179,6 +193,7 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
 
 def _resumable(out: Path, config_text: str) -> tuple[dict[str, Any], list[dict]]:
     """The summary and rows of a run directory to resume; a missing or damaged file is refused by name."""
+
     def damaged(name: str, why: str) -> ConfigError:
         return ConfigError(f"cannot resume {out}: {name} {why}; rerun into a new --out")
 
@@ -207,9 +222,15 @@ def _resumable(out: Path, config_text: str) -> tuple[dict[str, Any], list[dict]]
 
 def format_summary(summary: dict) -> str:
     """A small aligned table of the final metrics of each run."""
-    cols = [("global_loss", "loss"), ("optimality_gap", "gap"), ("grad_norm_sq", "|grad|^2"),
-            ("consensus_distance", "consensus"), ("pref_accuracy", "pref_acc"), ("true_pref_accuracy", "true_acc"),
-            ("wall_time_s", "time_s")]
+    cols = [
+        ("global_loss", "loss"),
+        ("optimality_gap", "gap"),
+        ("grad_norm_sq", "|grad|^2"),
+        ("consensus_distance", "consensus"),
+        ("pref_accuracy", "pref_acc"),
+        ("true_pref_accuracy", "true_acc"),
+        ("wall_time_s", "time_s"),
+    ]
     width = max([len(k) for k in summary["runs"]] + [3])
     lines = [f"{'run':<{width}}  " + "  ".join(f"{h:>10}" for _, h in cols)]
     for label, s in summary["runs"].items():
@@ -220,4 +241,3 @@ def format_summary(summary: dict) -> str:
         status = s.get("status", "ok")
         lines.append(f"{label:<{width}}  " + "  ".join(vals) + ("" if status == "ok" else f"  [{status}]"))
     return "\n".join(lines)
-

@@ -13,8 +13,10 @@ from collections.abc import Iterable
 
 import torch
 
-WHAT = {"data": "the data (the pairs as loaded and tokenized, or their features, and the client partition)",
-        "model": "the model (its weights, buffers or config)"}
+WHAT = {
+    "data": "the data (the pairs as loaded and tokenized, or their features, and the client partition)",
+    "model": "the model (its weights, buffers or config)",
+}
 
 
 def digest(tensors: Iterable[torch.Tensor], *texts: str) -> str:
@@ -35,7 +37,10 @@ def mismatch(stored: dict | None, current: dict, where: str) -> str | None:
     if stored == current:
         return None
     if not isinstance(stored, dict):
-        return f"{where} records no data fingerprint (written by an older distdpo), so it cannot be checked against this data"
+        return (
+            f"{where} records no data fingerprint (written by an older distdpo), "
+            "so it cannot be checked against this data"
+        )
     changed = [WHAT[k] for k in current if stored.get(k) != current[k]]
     return f"{' and '.join(changed) or 'the fingerprint'} changed since {where} was written"
 

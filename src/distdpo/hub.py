@@ -26,8 +26,10 @@ def check_hub_id(key: str, name: str, kind: str) -> None:
     if looks_like_path(name):
         raise ConfigError(f"{key} = {name!r}: no such file or directory")
     if offline():
-        raise ConfigError(f"{key} = {name!r} is not a local path, and HF_HUB_OFFLINE is set so the Hugging Face hub "
-                          f"is not asked (and the id is not in the local cache); {local_hint}")
+        raise ConfigError(
+            f"{key} = {name!r} is not a local path, and HF_HUB_OFFLINE is set so the Hugging Face hub "
+            f"is not asked (and the id is not in the local cache); {local_hint}"
+        )
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
@@ -42,8 +44,10 @@ def check_hub_id(key: str, name: str, kind: str) -> None:
     except HFValidationError:
         raise ConfigError(f"{key} = {name!r}: not a local path and not a valid hub id") from None
     except Exception as e:  # connection refused, DNS failure, timeout, proxy: the hub is unreachable
-        raise ConfigError(f"{key} = {name!r} is not a local path, and the Hugging Face hub is unreachable "
-                          f"({type(e).__name__}); {local_hint}") from None
+        raise ConfigError(
+            f"{key} = {name!r} is not a local path, and the Hugging Face hub is unreachable "
+            f"({type(e).__name__}); {local_hint}"
+        ) from None
 
 
 def is_local(name: str) -> bool:

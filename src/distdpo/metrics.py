@@ -16,11 +16,28 @@ from distdpo.config import Config
 from distdpo.topology import Topology
 
 COLUMNS = [
-    "run", "round", "algorithm", "global_loss", "grad_norm_sq", "optimality_gap",
-    "consensus_distance", "consensus_distance_before_gossip", "consensus_distance_after_gossip",
-    "client_drift", "heterogeneity", "pref_accuracy", "pref_accuracy_worst", "true_pref_accuracy",
-    "reward_margin", "eval_loss", "rewards/chosen", "rewards/rejected", "logratio_chosen",
-    "worst_client_loss", "bytes_communicated", "wall_time_s",
+    "run",
+    "round",
+    "algorithm",
+    "global_loss",
+    "grad_norm_sq",
+    "optimality_gap",
+    "consensus_distance",
+    "consensus_distance_before_gossip",
+    "consensus_distance_after_gossip",
+    "client_drift",
+    "heterogeneity",
+    "pref_accuracy",
+    "pref_accuracy_worst",
+    "true_pref_accuracy",
+    "reward_margin",
+    "eval_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logratio_chosen",
+    "worst_client_loss",
+    "bytes_communicated",
+    "wall_time_s",
 ]
 
 
@@ -44,7 +61,9 @@ class RunDiverged(Exception):
 class Recorder:
     """Turns (round, θ̄, algorithm stats) into metric rows and the run's summary entry."""
 
-    def __init__(self, cfg: Config, label: str, task, weights: torch.Tensor, topology: Topology | None, optimum, extra_columns=()):
+    def __init__(
+        self, cfg: Config, label: str, task, weights: torch.Tensor, topology: Topology | None, optimum, extra_columns=()
+    ):
         self.cfg, self.label, self.task, self.weights = cfg, label, task, weights
         self.topology, self.optimum = topology, optimum
         # No f★ (non-convex policy, or a loss with no certified minimum: see ``Solution.note``) → gap NaN.
@@ -53,15 +72,22 @@ class Recorder:
         self.rows: list[dict[str, Any]] = []
         self.total_bytes = 0
 
-    def record(self, round_index: int, theta: torch.Tensor, stats: dict[str, float], wall_time_s: float) -> dict[str, Any]:
+    def record(
+        self, round_index: int, theta: torch.Tensor, stats: dict[str, float], wall_time_s: float
+    ) -> dict[str, Any]:
         """Evaluate θ̄ and append the round's row (``stats['bytes']`` adds to the cumulative count)."""
         self.total_bytes += int(stats.get("bytes", 0))
         m = self.task.evaluate(theta, self.weights)
         row: dict[str, Any] = {c: math.nan for c in self.columns}
         row.update(m)
         row.update({k: v for k, v in stats.items() if k != "bytes"})
-        row.update(run=self.label, round=round_index, algorithm=self.cfg.algorithm.name,
-                   bytes_communicated=self.total_bytes, wall_time_s=wall_time_s)
+        row.update(
+            run=self.label,
+            round=round_index,
+            algorithm=self.cfg.algorithm.name,
+            bytes_communicated=self.total_bytes,
+            wall_time_s=wall_time_s,
+        )
         row["optimality_gap"] = m["global_loss"] - self.f_star
         reason = self._divergence(row, theta)
         if reason:

@@ -41,9 +41,11 @@ class Report:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:1em 0;font-size:.88em}th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:1em 0;font-size:.88em}
+th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left;vertical-align:top}
 th{background:#f4f4f4}figure{margin:1.2em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}.holds{color:#1a7f37;font-weight:600}.no{color:#c62828;font-weight:600}
 .partly{color:#b26a00;font-weight:600}caption{caption-side:bottom;font-size:.85em;color:#555;text-align:left}
@@ -64,8 +66,12 @@ def _verdict_class(cell: str) -> str:
 def to_html(report: Report) -> str:
     """The whole report as one HTML document; figures are embedded ``data:image/png;base64`` URIs."""
     e = html.escape
-    out = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-           f"<title>{e(report.title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(report.title)}</h1>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(report.title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(report.title)}</h1>",
+    ]
     if report.meta:
         out.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in report.meta) + "</table>")
     for s in report.sections:
@@ -73,16 +79,22 @@ def to_html(report: Report) -> str:
         out += [f"<p>{e(p)}</p>" for p in s.paragraphs]
         for t in s.tables:
             rows = "".join(
-                "<tr>" + "".join(f"<td class=\"{_verdict_class(c)}\">{e(c)}</td>" if _verdict_class(c) else f"<td>{e(c)}</td>"
-                                 for c in r) + "</tr>"
+                "<tr>"
+                + "".join(
+                    f'<td class="{_verdict_class(c)}">{e(c)}</td>' if _verdict_class(c) else f"<td>{e(c)}</td>"
+                    for c in r
+                )
+                + "</tr>"
                 for r in t.rows
             )
             cap = f"<caption>{e(t.caption)}</caption>" if t.caption else ""
             out.append(f"<table>{cap}<tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers) + f"</tr>{rows}</table>")
         for f in s.figures:
             data = base64.b64encode(f.png).decode()
-            out.append(f"<figure><img alt=\"{e(f.name)}\" src=\"data:image/png;base64,{data}\">"
-                       f"<figcaption>{e(f.caption)}</figcaption></figure>")
+            out.append(
+                f'<figure><img alt="{e(f.name)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{e(f.caption)}</figcaption></figure>"
+            )
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 

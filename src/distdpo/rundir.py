@@ -41,15 +41,19 @@ def claim(path: str | Path, kind: str) -> Path:
         raise ConfigError(f"--out {path} is a file, not a directory; give a directory path")
     if path.is_dir() and any(p.name not in (MARKER, LOCK) for p in path.iterdir()) and not _is_ours(path):
         names = sorted(p.name for p in path.iterdir())[:5]
-        raise ConfigError(f"--out {path} holds files distdpo did not write ({', '.join(names)}); "
-                          "choose a new directory (distdpo never overwrites files it did not create)")
+        raise ConfigError(
+            f"--out {path} holds files distdpo did not write ({', '.join(names)}); "
+            "choose a new directory (distdpo never overwrites files it did not create)"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         lock(path)
         if not (path / MARKER).is_file():
             write_json_atomic(path / MARKER, {"written_by": f"distdpo {__version__}", "kind": kind})
     except PermissionError as e:
-        raise ConfigError(f"cannot write --out {path}: {e.strerror} ({e.filename}); choose a directory you can write") from None
+        raise ConfigError(
+            f"cannot write --out {path}: {e.strerror} ({e.filename}); choose a directory you can write"
+        ) from None
     return path
 
 
@@ -64,8 +68,10 @@ def lock(path: Path) -> None:
     except BlockingIOError:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise ConfigError(f"another distdpo process (pid {holder}) is writing {path}; wait for it to finish, "
-                          "or write to another --out") from None
+        raise ConfigError(
+            f"another distdpo process (pid {holder}) is writing {path}; wait for it to finish, "
+            "or write to another --out"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _held[path] = fd

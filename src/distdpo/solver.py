@@ -47,8 +47,13 @@ class Solution:
 
     def describe(self) -> dict[str, Any]:
         """The run summary's ``solver`` entry (JSON-ready)."""
-        out = {"method": self.method, "converged": self.converged, "iterations": self.iterations,
-               "grad_norm": self.grad_norm, "certificate": self.certificate}
+        out = {
+            "method": self.method,
+            "converged": self.converged,
+            "iterations": self.iterations,
+            "grad_norm": self.grad_norm,
+            "certificate": self.certificate,
+        }
         if self.note:
             out["note"] = self.note
         return out
@@ -59,13 +64,23 @@ def solve_centralized(task, weights: torch.Tensor, *, tol: float = 1e-11, max_it
     loss = getattr(task, "loss_type", "sigmoid")
     linear = hasattr(task, "margin_features")
     if loss == "hinge":
-        sol = solve_hinge_lp(task, weights) if linear else _no_star(
-            "hinge loss is piecewise linear (Newton cannot certify a minimum) and this task exposes no "
-            "linear margin for an LP: no optimality gap")
+        sol = (
+            solve_hinge_lp(task, weights)
+            if linear
+            else _no_star(
+                "hinge loss is piecewise linear (Newton cannot certify a minimum) and this task exposes no "
+                "linear margin for an LP: no optimality gap"
+            )
+        )
     elif loss == "robust" and getattr(task, "label_smoothing", 0.0) > 0:
-        sol = robust_descent_ray(task, weights) if linear else _no_star(
-            "robust loss with label_smoothing > 0 may be unbounded below and this task exposes no linear "
-            "margin to check: no optimality gap")
+        sol = (
+            robust_descent_ray(task, weights)
+            if linear
+            else _no_star(
+                "robust loss with label_smoothing > 0 may be unbounded below and this task exposes no linear "
+                "margin to check: no optimality gap"
+            )
+        )
         if sol is None:  # bounded below: smooth and convex, so Newton
             return _newton(task, weights, tol=tol, max_iter=max_iter)
     else:
@@ -127,13 +142,19 @@ def _newton(task, weights: torch.Tensor, *, tol: float, max_iter: int) -> Soluti
     converged = bool(gnorm <= threshold)
     # Newton decrement λ²/2 = ½ gᵀH⁻¹g: the local estimate of f(θ) − f★ (quadratic model).
     decrement = float(0.5 * grad @ newton_step(theta, grad)) if gnorm > 0 else 0.0
-    cert = {"grad_norm": gnorm, "grad_norm_at_reference": grad0, "grad_tol": threshold,
-            "newton_decrement_half": decrement}
+    cert = {
+        "grad_norm": gnorm,
+        "grad_norm_at_reference": grad0,
+        "grad_tol": threshold,
+        "newton_decrement_half": decrement,
+    }
     note = None
     if not converged:
-        note = (f"centralized solver stopped at ‖∇f‖ = {gnorm:.3g} (> {threshold:.3g}) after {it} Newton steps; "
-                "the data may be separable (no finite minimizer), so f★ is only an upper bound on inf f and "
-                "optimality gaps are approximate (they may be negative)")
+        note = (
+            f"centralized solver stopped at ‖∇f‖ = {gnorm:.3g} (> {threshold:.3g}) after {it} Newton steps; "
+            "the data may be separable (no finite minimizer), so f★ is only an upper bound on inf f and "
+            "optimality gaps are approximate (they may be negative)"
+        )
         warnings.warn(note, stacklevel=3)
     return Solution(theta, float(value), gnorm, it, converged, "newton", cert, note)
 
@@ -144,8 +165,14 @@ def _newton(task, weights: torch.Tensor, *, tol: float, max_iter: int) -> Soluti
 def _linprog(cost, A_ub, b_ub, bounds):
     from scipy.optimize import linprog
 
-    return linprog(cost, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs",
-                   options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10})
+    return linprog(
+        cost,
+        A_ub=A_ub,
+        b_ub=b_ub,
+        bounds=bounds,
+        method="highs",
+        options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10},
+    )
 
 
 def solve_hinge_lp(task, weights: torch.Tensor) -> Solution:
@@ -166,24 +193,41 @@ def solve_hinge_lp(task, weights: torch.Tensor) -> Solution:
     cert: dict[str, Any] = {"lp_status": int(res.status), "lp_message": str(res.message)}
     iterations = int(getattr(res, "nit", 0) or 0)
     if res.status == 3:  # cannot happen (the loss is ≥ 0), but say so rather than report −∞
-        return _no_star("hinge LP reported unbounded (impossible for a loss ≥ 0: numerical trouble): no optimality gap",
-                        "linprog", cert, iterations)
+        return _no_star(
+            "hinge LP reported unbounded (impossible for a loss ≥ 0: numerical trouble): no optimality gap",
+            "linprog",
+            cert,
+            iterations,
+        )
     if res.status != 0:
-        return _no_star(f"hinge LP did not reach a certified optimum ({res.message}): no optimality gap",
-                        "linprog", cert, iterations)
+        return _no_star(
+            f"hinge LP did not reach a certified optimum ({res.message}): no optimality gap",
+            "linprog",
+            cert,
+            iterations,
+        )
     theta = torch.tensor(res.x[:p], dtype=torch.float64)
     f_star = float(task.objective(theta, weights))  # the very function the metrics evaluate
     lam = np.clip(-np.asarray(res.ineqlin.marginals), 0.0, w)  # dual of s_k ≥ 1 − βh_k, feasible box [0, w_k]
     dual = float(lam @ (1.0 + beta * b))
     residual = float(np.abs(beta * (A.T @ lam)).max()) if p else 0.0  # dual feasibility: βAᵀλ = 0
     scale = max(1.0, abs(f_star))
-    cert.update(primal_objective=float(res.fun), f_at_solution=f_star, dual_objective=dual,
-                duality_gap=f_star - dual, dual_residual=residual)
-    converged = bool(abs(f_star - dual) <= LP_RTOL * scale and residual <= LP_RTOL * max(1.0, float(np.abs(beta * A).sum(1) @ w)))
+    cert.update(
+        primal_objective=float(res.fun),
+        f_at_solution=f_star,
+        dual_objective=dual,
+        duality_gap=f_star - dual,
+        dual_residual=residual,
+    )
+    converged = bool(
+        abs(f_star - dual) <= LP_RTOL * scale and residual <= LP_RTOL * max(1.0, float(np.abs(beta * A).sum(1) @ w))
+    )
     note = None
     if not converged:
-        note = (f"hinge LP solved (status 0) but its dual check is loose (duality gap {f_star - dual:.3g}, "
-                f"dual residual {residual:.3g}): f★ is accurate only to about that")
+        note = (
+            f"hinge LP solved (status 0) but its dual check is loose (duality gap {f_star - dual:.3g}, "
+            f"dual residual {residual:.3g}): f★ is accurate only to about that"
+        )
     return Solution(theta, f_star, None, iterations, converged, "linprog", cert, note)
 
 
@@ -220,8 +264,11 @@ def robust_descent_ray(task, weights: torch.Tensor) -> Solution | None:
     A_ub = sp.hstack([sp.csr_matrix(-A), -sp.identity(K, format="csr")], format="csr")
     res = _linprog(cost, A_ub, np.zeros(K), [(-1.0, 1.0)] * p + [(0, None)] * K)
     if res.status != 0:
-        return _no_star(f"robust loss: the boundedness LP failed ({res.message}); f★ cannot be certified: "
-                        "no optimality gap", "recession_lp", {"lp_status": int(res.status), "lp_message": str(res.message)})
+        return _no_star(
+            f"robust loss: the boundedness LP failed ({res.message}); f★ cannot be certified: no optimality gap",
+            "recession_lp",
+            {"lp_status": int(res.status), "lp_message": str(res.message)},
+        )
     d = torch.tensor(res.x[:p], dtype=torch.float64)
     slope = robust_recession(task, weights, d)
     scale = float(task.beta) * (1 + c) * float(np.abs(A).sum(1) @ w)  # max |slope| over the box
@@ -229,10 +276,18 @@ def robust_descent_ray(task, weights: torch.Tensor) -> Solution | None:
         return None  # bounded below: Newton (converged or labeled) decides f★
     theta0 = task.initial_params().detach().to(torch.float64).cpu()
     along = {str(t): float(task.objective(theta0 + t * d, weights)) for t in (0.0, 10.0, 100.0, 1000.0)}
-    cert = {"lp_status": int(res.status), "lp_message": str(res.message), "unbounded": True, "recession_slope": slope,
-            "direction": [float(x) for x in d], "f_along_ray": along}
-    note = (f"robust loss (label_smoothing={eps:g}) on a log-linear policy is unbounded below: along the "
-            f"certified direction d the objective falls by {-slope:.3g} per unit step without limit "
-            f"(the −ε/(1−2ε)·βh reward outgrows the logistic penalty), so there is no minimizer, no f★ and "
-            "no optimality gap")
+    cert = {
+        "lp_status": int(res.status),
+        "lp_message": str(res.message),
+        "unbounded": True,
+        "recession_slope": slope,
+        "direction": [float(x) for x in d],
+        "f_along_ray": along,
+    }
+    note = (
+        f"robust loss (label_smoothing={eps:g}) on a log-linear policy is unbounded below: along the "
+        f"certified direction d the objective falls by {-slope:.3g} per unit step without limit "
+        f"(the −ε/(1−2ε)·βh reward outgrows the logistic penalty), so there is no minimizer, no f★ and "
+        "no optimality gap"
+    )
     return Solution(None, None, None, int(getattr(res, "nit", 0) or 0), False, "recession_lp", cert, note)

@@ -59,11 +59,22 @@ from typing import Any
 import numpy as np
 import torch
 
-
 __all__ = [
-    "smoothness_bound", "hessian_top_eigenvalue", "hessian_top_eigenpair_fd", "hessian_eigenvalues", "heterogeneity", "grad_noise",
-    "spectral_gap", "fedavg_floor", "partial_participation_floor", "dsgd_consensus_bound",
-    "dsgd_consensus_codebase", "dsgd_consensus_spectral", "rounds_to_eps", "staleness_floor", "instance",
+    "smoothness_bound",
+    "hessian_top_eigenvalue",
+    "hessian_top_eigenpair_fd",
+    "hessian_eigenvalues",
+    "heterogeneity",
+    "grad_noise",
+    "spectral_gap",
+    "fedavg_floor",
+    "partial_participation_floor",
+    "dsgd_consensus_bound",
+    "dsgd_consensus_codebase",
+    "dsgd_consensus_spectral",
+    "rounds_to_eps",
+    "staleness_floor",
+    "instance",
 ]
 
 
@@ -118,19 +129,22 @@ class _single_thread:
         torch.set_num_threads(self.threads)
 
 
-def hessian_top_eigenvalue(task, weights: torch.Tensor, theta: torch.Tensor, iters: int = 200,
-                           tol: float = 1e-10, seed: int = 0) -> float:
+def hessian_top_eigenvalue(
+    task, weights: torch.Tensor, theta: torch.Tensor, iters: int = 200, tol: float = 1e-10, seed: int = 0
+) -> float:
     """λ_max(∇²f(θ)) by power iteration on autograd Hessian-vector products (f convex: λ_max = ‖H‖)."""
     with _single_thread():
         hvp, p = _hvp_fn(task, weights, theta)
         return _power_iteration(hvp, p, iters, tol, seed)[0]
 
 
-def hessian_top_eigenpair_fd(grad_fn, theta: torch.Tensor, iters: int = 20, tol: float = 1e-3, eps: float = 1e-2,
-                             seed: int = 0) -> tuple[float, torch.Tensor]:
+def hessian_top_eigenpair_fd(
+    grad_fn, theta: torch.Tensor, iters: int = 20, tol: float = 1e-3, eps: float = 1e-2, seed: int = 0
+) -> tuple[float, torch.Tensor]:
     """The eigenvalue of ∇²f(θ) largest in modulus and its unit eigenvector, by power iteration on central finite
     differences Hv ≈ (∇f(θ+εv) − ∇f(θ−εv)) / 2ε of a gradient function: for models (language models) whose loss is
-    not twice differentiable in one graph cheaply. For a non-convex f the value may be negative; |·| bounds L locally."""
+    not twice differentiable in one graph cheaply. For a non-convex f the value may be negative; |·| bounds L
+    locally."""
     theta = theta.detach().to(torch.float64).cpu()
 
     def hvp(v: torch.Tensor) -> torch.Tensor:
@@ -183,9 +197,19 @@ def spectral_gap(topology) -> float:
 # --------------------------------------------------------------------------- rate / floor forms
 
 
-def fedavg_floor(lr: float, local_steps: int, zeta2: float, sigma2: float = 0.0, L: float = 1.0,
-                 batch_size: int | None = None, num_clients: int = 1) -> float:
-    """FedAvg / local SGD floor ≍ η σ²/(nB) + L η² (E−1) σ²/B + L η² (E−1)² ζ² (Koloskova et al. 2020; Woodworth et al. 2020)."""
+def fedavg_floor(
+    lr: float,
+    local_steps: int,
+    zeta2: float,
+    sigma2: float = 0.0,
+    L: float = 1.0,
+    batch_size: int | None = None,
+    num_clients: int = 1,
+) -> float:
+    """FedAvg / local SGD floor ≍ η σ²/(nB) + L η² (E−1) σ²/B + L η² (E−1)² ζ².
+
+    Koloskova et al. 2020; Woodworth et al. 2020.
+    """
     s2 = 0.0 if batch_size is None else sigma2 / batch_size
     e = local_steps - 1
     return lr * s2 / num_clients + L * lr**2 * e * s2 + L * lr**2 * e**2 * zeta2
@@ -233,7 +257,9 @@ def staleness_floor(lr: float, q_max: int, sigma2: float, L: float = 1.0, batch_
 # --------------------------------------------------------------------------- an instance
 
 
-def instance(task, weights: torch.Tensor, theta_star: torch.Tensor | None = None, *, with_spectrum: bool = True) -> dict[str, Any]:
+def instance(
+    task, weights: torch.Tensor, theta_star: torch.Tensor | None = None, *, with_spectrum: bool = True
+) -> dict[str, Any]:
     """The theory quantities of one problem instance, at θ★ (or at the initial model when θ★ is unknown)."""
     at = theta_star if theta_star is not None else task.initial_params()
     out: dict[str, Any] = {

@@ -131,9 +131,7 @@ def build_graph(name: str, num_nodes: int, *, seed: int = 0, er_p: float | None 
     elif name == "hypercube":
         if n & (n - 1):
             lo = 1 << (n.bit_length() - 1)
-            raise TopologyError(
-                f"graph 'hypercube' needs num_nodes to be a power of 2, got {n} (try {lo} or {lo * 2})"
-            )
+            raise TopologyError(f"graph 'hypercube' needs num_nodes to be a power of 2, got {n} (try {lo} or {lo * 2})")
         # hypercube_graph(0) is empty in networkx; a 0-dimensional cube is one node.
         g = _relabel(nx.hypercube_graph(n.bit_length() - 1)) if n > 1 else nx.empty_graph(1)
     elif name == "exponential":
@@ -304,9 +302,7 @@ def check_mixing_matrix(
     support[np.diag_indices(n)] = False
     if graph is not None:
         if graph.number_of_nodes() != n:
-            raise TopologyError(
-                f"mixing matrix is {n}x{n} but the graph has {graph.number_of_nodes()} nodes"
-            )
+            raise TopologyError(f"mixing matrix is {n}x{n} but the graph has {graph.number_of_nodes()} nodes")
         bad = support & ~_adjacency(graph)
         if bad.any():
             i, j = np.argwhere(bad)[0]

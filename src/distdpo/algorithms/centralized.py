@@ -13,8 +13,17 @@ class Centralized:
 
     kind = "centralized"
 
-    def __init__(self, task: Task, *, weights: torch.Tensor, local_steps: int, optimizer: ClientOptimizer,
-                 batch_size: int | None, seed: int = 0, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        task: Task,
+        *,
+        weights: torch.Tensor,
+        local_steps: int,
+        optimizer: ClientOptimizer,
+        batch_size: int | None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.task = task.pooled(weights)
         self.K, self.optimizer, self.batch_size = local_steps, optimizer, batch_size
         self.data_gen = torch.Generator().manual_seed(seed + 1)
@@ -36,7 +45,7 @@ class Centralized:
         self.data_gen.set_state(state["rng.data"])
         for k, v in state.items():
             if k.startswith("opt."):
-                name = k[len("opt."):]
+                name = k[len("opt.") :]
                 self.state[name] = int(v) if name == "t" else v.to(self.X)
 
     def run_round(self, round_index: int) -> dict[str, float]:

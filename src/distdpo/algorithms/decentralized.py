@@ -66,7 +66,9 @@ class Decentralized:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state["X"].shape != self.X.shape:
-            raise ValueError(f"checkpoint holds {state['X'].shape[0]} node rows, this engine part holds {self.X.shape[0]}")
+            raise ValueError(
+                f"checkpoint holds {state['X'].shape[0]} node rows, this engine part holds {self.X.shape[0]}"
+            )
         self.X = state["X"].to(self.X)
         self.data_gen.set_state(state["rng.data"])
         if self.tracking:
@@ -74,9 +76,14 @@ class Decentralized:
 
     def _local(self, X: torch.Tensor):
         return local_steps(
-            self.task, X, self.nodes, self.K, self.optimizer,
+            self.task,
+            X,
+            self.nodes,
+            self.K,
+            self.optimizer,
             lambda: self.task.sample_batch(self.data_gen, self.batch_size),
-            correction=self.correction if self.tracking else None, track_direction=self.tracking,
+            correction=self.correction if self.tracking else None,
+            track_direction=self.tracking,
         )
 
     def run_round(self, round_index: int) -> dict[str, float]:
@@ -98,7 +105,9 @@ class Decentralized:
                 self.X = self.comm.mix(Z, round_index)
             stats["consensus_distance_after_gossip"] = consensus_distance(self.comm, self.X)
         cta = self.gossip == "cta" and not self.tracking
-        stats["consensus_distance"] = consensus_distance(self.comm, self.X) if cta else stats["consensus_distance_after_gossip"]
+        stats["consensus_distance"] = (
+            consensus_distance(self.comm, self.X) if cta else stats["consensus_distance_after_gossip"]
+        )
         n = self.comm.num_nodes
         stats["client_drift"] = float(self.comm.aggregate(drift[:, None], torch.full_like(drift, 1 / n))[0])
         per_message = self.X.shape[1] * self.itemsize * (2 if self.tracking else 1)

@@ -27,8 +27,9 @@ def federated_round_bytes(num_sampled: int, num_params: int, itemsize: int, scaf
     return (3 if scaffold else 2) * num_sampled * num_params * itemsize
 
 
-def scaffold_controls(c: torch.Tensor, c_local: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
-                      local_steps: int, lr: float) -> torch.Tensor:
+def scaffold_controls(
+    c: torch.Tensor, c_local: torch.Tensor, start: torch.Tensor, end: torch.Tensor, local_steps: int, lr: float
+) -> torch.Tensor:
     """SCAFFOLD's new client control variates (Karimireddy et al., Option II): c_i⁺ = c_i − c + (θ_start − θ_K)/(Kη)."""
     return c_local - c + (start - end) / (local_steps * lr)
 
@@ -81,8 +82,12 @@ class Federated:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What a resumed run needs to continue bit for bit (SCAFFOLD's c_i: this engine part's rows only)."""
-        state = {"theta": self.theta, "history": torch.stack(self.history),
-                 "rng.data": self.data_gen.get_state(), "rng.sample": self.sample_gen.get_state()}
+        state = {
+            "theta": self.theta,
+            "history": torch.stack(self.history),
+            "rng.data": self.data_gen.get_state(),
+            "rng.sample": self.sample_gen.get_state(),
+        }
         state.update({f"server.{k}": v for k, v in self.server.state.items()})
         if self.scaffold:
             state.update(c=self.c, c_local=self.c_local)
@@ -94,7 +99,7 @@ class Federated:
         self.history = list(state["history"].to(like).unbind(0))
         self.data_gen.set_state(state["rng.data"])
         self.sample_gen.set_state(state["rng.sample"])
-        self.server.state = {k[len("server."):]: v.to(like) for k, v in state.items() if k.startswith("server.")}
+        self.server.state = {k[len("server.") :]: v.to(like) for k, v in state.items() if k.startswith("server.")}
         if self.scaffold:
             self.c, self.c_local = state["c"].to(like), state["c_local"].to(like)
 
@@ -109,12 +114,21 @@ class Federated:
         if delays is None:
             start = self.theta.expand(len(nodes), -1)
         else:
-            start = torch.stack([self.history[-1 - int(q)] for q in delays[is_local]]) if len(nodes) else self.theta[None, :0]
+            start = (
+                torch.stack([self.history[-1 - int(q)] for q in delays[is_local]])
+                if len(nodes)
+                else self.theta[None, :0]
+            )
         correction = (self.c - self.c_local[rows]) if self.scaffold else None
         X, drift, _ = local_steps(
-            self.task, start, nodes.to(self.theta.device), self.K, self.optimizer,
+            self.task,
+            start,
+            nodes.to(self.theta.device),
+            self.K,
+            self.optimizer,
             lambda: self.task.sample_batch(self.data_gen, self.batch_size),
-            correction=correction, prox_mu=self.prox_mu,
+            correction=correction,
+            prox_mu=self.prox_mu,
         )
         delta = X - start
         p = self.weights[sampled]
@@ -129,6 +143,6 @@ class Federated:
             self.c_local[rows] = new_c
             self.c = self.c + dc
         self.theta = self.server.step(self.theta, update)
-        self.history = (self.history + [self.theta])[-(self.staleness + 1):]
+        self.history = (self.history + [self.theta])[-(self.staleness + 1) :]
         stats["bytes"] = federated_round_bytes(n_s, self.theta.numel(), self.itemsize, self.scaffold)
         return stats

@@ -145,7 +145,10 @@ def drop_duplicates(client_indices: list[np.ndarray], keys: Sequence) -> tuple[l
 
 
 def train_eval_split(
-    client_indices: list[np.ndarray], eval_fraction: float, seed: int = 0, min_eval: int = 1,
+    client_indices: list[np.ndarray],
+    eval_fraction: float,
+    seed: int = 0,
+    min_eval: int = 1,
     groups: Sequence | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Hold out whole groups (prompts) of items across all clients; returns (train, eval) sorted index arrays.

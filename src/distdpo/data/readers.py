@@ -47,7 +47,7 @@ def _read_json_file(path: Path) -> Iterator[tuple[str, Any]]:
     raw = _read_bytes(path)
     start = len(raw) - len(raw.lstrip())
     # only .json may hold one top-level list; a .jsonl line that is a list is a malformed record
-    if raw[start:start + 1] == b"[" and path.name.lower().endswith((".json", ".json.gz")):
+    if raw[start : start + 1] == b"[" and path.name.lower().endswith((".json", ".json.gz")):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:  # one JSON document: no record to skip, the file is refused
@@ -83,7 +83,7 @@ def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[str, An
         return DataFormatError(f"{path}:{text.count(chr(10), 0, p) + 1}: invalid JSON: {msg}")
 
     pos = skip_ws(pos)
-    if text[pos:pos + 1] == "]":
+    if text[pos : pos + 1] == "]":
         return
     while True:
         line += text.count("\n", counted, pos)
@@ -94,9 +94,9 @@ def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[str, An
             raise fail(e.pos, e.msg) from None
         yield f"{path}:{line}", obj
         pos = skip_ws(end)
-        sep = text[pos:pos + 1]
+        sep = text[pos : pos + 1]
         if sep == "]":
-            if text[skip_ws(pos + 1):].strip():
+            if text[skip_ws(pos + 1) :].strip():
                 raise fail(pos + 1, "extra data after the closing ']'")
             return
         if sep != ",":
@@ -140,11 +140,15 @@ def _read_hub(source: str, split: str | None, max_records: int | None) -> Iterat
         ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # datasets raises many kinds for a folder or id it cannot read
         if folder:
-            raise DataFormatError(f"{source} is a directory that `datasets` cannot load ({type(e).__name__}: {e}); "
-                                  "give a preference file (.jsonl, .json, .parquet, .csv) or a dataset folder") from None
+            raise DataFormatError(
+                f"{source} is a directory that `datasets` cannot load ({type(e).__name__}: {e}); "
+                "give a preference file (.jsonl, .json, .parquet, .csv) or a dataset folder"
+            ) from None
         if offline():
             check_hub_id("data.source", source, "dataset")  # says why: offline and not in the local cache
-        raise DataFormatError(f"{source}[{split}]: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
+        raise DataFormatError(
+            f"{source}[{split}]: cannot load from the Hugging Face hub ({type(e).__name__}: {e})"
+        ) from None
     if max_records is not None and max_records < len(ds):
         ds = ds.select(range(max_records))
     return _rows_with_location(iter(ds), f"{source}[{split}]")
@@ -158,7 +162,9 @@ def records(source: str | os.PathLike, split: str | None, max_records: int | Non
             return _read_json_file(path)
         if name.endswith(_TABLE_SUFFIXES):
             return _read_table(path)
-        raise DataFormatError(f"{path}: unsupported file type; expected one of {', '.join(_JSON_SUFFIXES + _TABLE_SUFFIXES)}")
+        raise DataFormatError(
+            f"{path}: unsupported file type; expected one of {', '.join(_JSON_SUFFIXES + _TABLE_SUFFIXES)}"
+        )
     if not path.exists() and path.name.lower().endswith(_JSON_SUFFIXES + _TABLE_SUFFIXES):
         raise FileNotFoundError(f"{path}: no such file")  # a typo'd path, not a hub id
     # not a file: a Hugging Face dataset id, or a local dataset folder load_dataset understands

@@ -40,7 +40,9 @@ def split_text_data(cfg: Config) -> TextSplit:
     """Load ``cfg.data.source`` and split it over clients as every engine does."""
     d = cfg.data
     try:
-        data = load_preferences(d.source, d.format, on_error=d.on_error, split=d.split or None, pandalm_mode=d.pandalm_mode)
+        data = load_preferences(
+            d.source, d.format, on_error=d.on_error, split=d.split or None, pandalm_mode=d.pandalm_mode
+        )
     except (DataFormatError, FileNotFoundError) as e:
         raise ConfigError(f"data.source: {e}") from None
     if d.max_pairs and d.max_pairs < len(data):
@@ -56,8 +58,14 @@ def split_text_data(cfg: Config) -> TextSplit:
     triples = [(p, prompt_key(c), prompt_key(r)) for p, c, r in zip(prompts, data.chosen, data.rejected)]
     try:
         clients, names = partition(
-            len(data), None if d.partition == "natural" else d.num_clients, d.partition, labels=labels,
-            alpha=d.dirichlet_alpha, quantity_alpha=d.quantity_alpha, seed=cfg.seed, min_size=2,
+            len(data),
+            None if d.partition == "natural" else d.num_clients,
+            d.partition,
+            labels=labels,
+            alpha=d.dirichlet_alpha,
+            quantity_alpha=d.quantity_alpha,
+            seed=cfg.seed,
+            min_size=2,
         )
         clients, dropped = drop_duplicates(clients, triples)
         train, held_out = train_eval_split(clients, d.eval_fraction, seed=cfg.seed, groups=prompts)

@@ -111,9 +111,20 @@ def make_synthetic(
     sizes = client_sizes(num_clients, pairs_per_client, size_skew, g)
     feats, chosen, rejected, _ = _sample_pairs(theta_users, theta_ref, sizes, num_actions, label_noise, g)
     eval_sizes = torch.full((num_clients,), eval_pairs_per_client, dtype=torch.long)
-    e_feats, e_chosen, e_rejected, e_true = _sample_pairs(theta_users, theta_ref, eval_sizes, num_actions, label_noise, g)
+    e_feats, e_chosen, e_rejected, e_true = _sample_pairs(
+        theta_users, theta_ref, eval_sizes, num_actions, label_noise, g
+    )
     return FeaturePreferenceData(
-        features=feats, chosen=chosen, rejected=rejected, sizes=sizes,
-        eval_features=e_feats, eval_chosen=e_chosen, eval_rejected=e_rejected, eval_sizes=eval_sizes,
-        eval_true_order=e_true, theta_star=theta_star, theta_users=theta_users, theta_ref=theta_ref,
+        features=feats,
+        chosen=chosen,
+        rejected=rejected,
+        sizes=sizes,
+        eval_features=e_feats,
+        eval_chosen=e_chosen,
+        eval_rejected=e_rejected,
+        eval_sizes=eval_sizes,
+        eval_true_order=e_true,
+        theta_star=theta_star,
+        theta_users=theta_users,
+        theta_ref=theta_ref,
     )

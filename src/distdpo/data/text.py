@@ -246,12 +246,14 @@ def _trl(record: dict, ctx: _Context) -> list:
             p_msgs, c_msgs, r_msgs = c_msgs[:k], c_msgs[k:], r_msgs[k:]
         else:
             p_msgs = _check_messages(prompt, "prompt")
-        return [(
-            ctx.render.prompt(p_msgs, "prompt"),
-            ctx.render.completion(c_msgs, "chosen"),
-            ctx.render.completion(r_msgs, "rejected"),
-            meta,
-        )]
+        return [
+            (
+                ctx.render.prompt(p_msgs, "prompt"),
+                ctx.render.completion(c_msgs, "chosen"),
+                ctx.render.completion(r_msgs, "rejected"),
+                meta,
+            )
+        ]
     if "prompt" in record:
         if not isinstance(prompt, str):
             raise Malformed(f"field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
@@ -291,8 +293,8 @@ def _pandalm(record: dict, ctx: _Context) -> list:
         raise Malformed(f"field 'input' must be a string, got {type(extra).__name__}")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     annotators = sorted(
-        (k for k in record if k.startswith("annotator") and k[len("annotator"):].isdigit()),
-        key=lambda k: int(k[len("annotator"):]),
+        (k for k in record if k.startswith("annotator") and k[len("annotator") :].isdigit()),
+        key=lambda k: int(k[len("annotator") :]),
     )
     if not annotators:
         raise Malformed("missing field 'annotator1' (pandalm records need annotator1..N votes)")
@@ -316,7 +318,14 @@ def _pandalm(record: dict, ctx: _Context) -> list:
     if ones == twos:
         return ["tie"]
     win = 1 if ones > twos else 2
-    return [(prompt, responses[win], responses[3 - win], {**meta, "votes_chosen": max(ones, twos), "votes_rejected": min(ones, twos)})]
+    return [
+        (
+            prompt,
+            responses[win],
+            responses[3 - win],
+            {**meta, "votes_chosen": max(ones, twos), "votes_rejected": min(ones, twos)},
+        )
+    ]
 
 
 def _number(record: dict, name: str) -> float | None:
@@ -363,12 +372,14 @@ def _ultrafeedback(record: dict, ctx: _Context) -> list:
         if not isinstance(prompt, str):
             raise Malformed("missing field 'prompt' (needed when 'chosen' holds only the assistant turn)")
         context = [{"role": "user", "content": prompt}]
-    return [(
-        ctx.render.prompt(context, "chosen"),
-        ctx.render.completion(c_msgs[-1:], "chosen"),
-        ctx.render.completion(r_msgs[-1:], "rejected"),
-        meta,
-    )]
+    return [
+        (
+            ctx.render.prompt(context, "chosen"),
+            ctx.render.completion(c_msgs[-1:], "chosen"),
+            ctx.render.completion(r_msgs[-1:], "rejected"),
+            meta,
+        )
+    ]
 
 
 _CONVERTERS = {"trl": _trl, "hh-rlhf": _hh, "pandalm": _pandalm, "shp": _shp, "ultrafeedback": _ultrafeedback}

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib
 
-ENGINES = {"simulation": "distdpo.engines.simulation", "flower": "distdpo.engines.flower",
-           "torchdist": "distdpo.engines.torchdist"}
+ENGINES = {
+    "simulation": "distdpo.engines.simulation",
+    "flower": "distdpo.engines.flower",
+    "torchdist": "distdpo.engines.torchdist",
+}
 
 
 def runner(name: str):

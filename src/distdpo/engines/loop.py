@@ -48,8 +48,17 @@ class RoundHooks:
         pass
 
 
-def train_rounds(cfg: Config, label: str, algo: Algorithm, rec: Recorder | None, ckpt: RunCheckpoint,
-                 hooks: RoundHooks | None = None, *, progress: bool = True, device: torch.device | None = None) -> Any:
+def train_rounds(
+    cfg: Config,
+    label: str,
+    algo: Algorithm,
+    rec: Recorder | None,
+    ckpt: RunCheckpoint,
+    hooks: RoundHooks | None = None,
+    *,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> Any:
     """Train ``algo`` from its checkpoint (if any) to ``algorithm.rounds``; returns the final global parameters.
 
     Raises :class:`RunDiverged` on every process when the recorder sees the run diverge.
@@ -64,8 +73,13 @@ def train_rounds(cfg: Config, label: str, algo: Algorithm, rec: Recorder | None,
         if rec is not None:
             rec.record(0, theta, {}, 0.0)
     show = progress and cfg.engine.progress and rec is not None
-    bar = tqdm(range(start + 1, cfg.algorithm.rounds + 1), desc=label, leave=False, disable=None if show else True,
-               unit="round")
+    bar = tqdm(
+        range(start + 1, cfg.algorithm.rounds + 1),
+        desc=label,
+        leave=False,
+        disable=None if show else True,
+        unit="round",
+    )
     for r in bar:
         hooks.before_round(r)
         t0 = time.perf_counter()

@@ -10,8 +10,15 @@ from distdpo.topology import Topology
 class SimulatedCommunicator:
     """``aggregate`` is a weighted sum over rows, ``mix`` is W_t @ X (dense, or sparse CSR when W is sparse)."""
 
-    def __init__(self, num_nodes: int, topology: Topology | None = None, *, sparse: bool | str = "auto",
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_nodes: int,
+        topology: Topology | None = None,
+        *,
+        sparse: bool | str = "auto",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         self.num_nodes = num_nodes
         self.local_nodes = torch.arange(num_nodes)
         self.topology = topology
@@ -50,7 +57,9 @@ def run(cfg, label: str, cache, *, progress: bool = True):
     weights = build.client_weights(cfg, task.client_sizes)
     topology = build.build_topology(cfg, task.num_clients)
     sparse = {"auto": "auto", "dense": False, "sparse": True}[cfg.engine.sparse_mix]
-    comm = SimulatedCommunicator(task.num_clients, topology, sparse=sparse, dtype=build.torch_dtype(cfg), device=build.device(cfg))
+    comm = SimulatedCommunicator(
+        task.num_clients, topology, sparse=sparse, dtype=build.torch_dtype(cfg), device=build.device(cfg)
+    )
     algo = build.build_algorithm(cfg, task, comm, topology, weights)
     rec = Recorder(cfg, label, task, weights, topology, cache.optimum(cfg, task, weights))
     ckpt = RunCheckpoint(cfg, label, fingerprint=cache.fingerprint(cfg))  # continues from engine.checkpoint_dir/<label>

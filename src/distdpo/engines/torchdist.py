@@ -204,8 +204,9 @@ def block(num_nodes: int, world_size: int, r: int) -> range:
 class TorchDistCommunicator:
     """``aggregate`` = all-reduce; ``mix`` = neighbour exchange of exactly the needed rows. Counts time and bytes."""
 
-    def __init__(self, num_nodes: int, topology: Topology | None, *, dtype: torch.dtype, device: torch.device,
-                 group=None):
+    def __init__(
+        self, num_nodes: int, topology: Topology | None, *, dtype: torch.dtype, device: torch.device, group=None
+    ):
         self.num_nodes, self.topology, self.dtype, self.device, self.group = num_nodes, topology, dtype, device, group
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.blocks = [block(num_nodes, self.world_size, r) for r in range(self.world_size)]
@@ -238,7 +239,7 @@ class TorchDistCommunicator:
         if key not in self._plans:
             W = self.topology.matrix(round_index)
             mine = self.blocks[self.rank]
-            rows = W[mine.start:mine.stop]
+            rows = W[mine.start : mine.stop]
             needed = set(np.flatnonzero((rows != 0).any(0)).tolist()) | set(mine)
             cols = sorted(needed)
             recv, send, local = [], [], None
@@ -250,11 +251,17 @@ class TorchDistCommunicator:
                 if at:
                     recv.append((q, at[0], at[-1] + 1))
                 # Rows of mine that q's W rows touch: q computes the same list as its receive from me.
-                out = np.flatnonzero((W[other.start:other.stop, mine.start:mine.stop] != 0).any(0))
+                out = np.flatnonzero((W[other.start : other.stop, mine.start : mine.stop] != 0).any(0))
                 if len(out):
                     contiguous = out[-1] - out[0] + 1 == len(out)
-                    send.append((q, slice(int(out[0]), int(out[-1]) + 1) if contiguous
-                                 else torch.as_tensor(out, dtype=torch.long, device=self.device)))
+                    send.append(
+                        (
+                            q,
+                            slice(int(out[0]), int(out[-1]) + 1)
+                            if contiguous
+                            else torch.as_tensor(out, dtype=torch.long, device=self.device),
+                        )
+                    )
             W_loc = torch.as_tensor(rows[:, cols], dtype=self.dtype, device=self.device)
             self._plans[key] = (W_loc, len(cols), local, recv, send)
         return self._plans[key]
@@ -302,8 +309,11 @@ class _RankHooks(RoundHooks):
         per_rank = self.ctl.gather(self.pending)
         self.pending = torch.zeros(2, dtype=torch.float64)
         P = self.ctl.world_size
-        return {**stats, **{f"comm_time_s/rank{q}": float(per_rank[q, 0]) for q in range(P)},
-                **{f"comm_bytes/rank{q}": int(per_rank[q, 1]) for q in range(P)}}
+        return {
+            **stats,
+            **{f"comm_time_s/rank{q}": float(per_rank[q, 0]) for q in range(P)},
+            **{f"comm_bytes/rank{q}": int(per_rank[q, 1]) for q in range(P)},
+        }
 
     def stop_everywhere(self, diverged: bool) -> bool:
         return bool(self.ctl.broadcast(diverged))  # rank 0 evaluates; its word holds on every rank
@@ -325,7 +335,9 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
     me, P = ctl.rank, ctl.world_size
     task = cache.task(cfg)
     if task.num_clients < P:
-        raise ConfigError(f"engine.name = 'torchdist' places {task.num_clients} nodes on {P} ranks: needs nodes ≥ ranks")
+        raise ConfigError(
+            f"engine.name = 'torchdist' places {task.num_clients} nodes on {P} ranks: needs nodes ≥ ranks"
+        )
     weights = build.client_weights(cfg, task.client_sizes)
     topology = build.build_topology(cfg, task.num_clients)
     comm = TorchDistCommunicator(task.num_clients, topology, dtype=build.torch_dtype(cfg), device=build.device(cfg))
@@ -349,6 +361,9 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
     if rec is None:
         return [], {}
     summary = rec.summary(theta)
-    summary["torchdist"] = {"world_size": P, "backend": backend(cfg),
-                            "placement": [[b.start, b.stop] for b in comm.blocks]}
+    summary["torchdist"] = {
+        "world_size": P,
+        "backend": backend(cfg),
+        "placement": [[b.start, b.stop] for b in comm.blocks],
+    }
     return rec.rows, summary

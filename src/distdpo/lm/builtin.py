@@ -19,8 +19,18 @@ EOS = "<|endoftext|>"
 # name → (config class, model class, config kwargs): small enough to train on a laptop CPU in minutes.
 BUILTIN = {
     "gpt2-tiny": (GPT2Config, GPT2LMHeadModel, dict(n_layer=2, n_head=4, n_embd=128, n_positions=1024)),
-    "llama-tiny": (LlamaConfig, LlamaForCausalLM, dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                        hidden_size=128, intermediate_size=344, max_position_embeddings=1024)),
+    "llama-tiny": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=128,
+            intermediate_size=344,
+            max_position_embeddings=1024,
+        ),
+    ),
 }
 
 
@@ -31,7 +41,9 @@ def is_builtin(model: str) -> bool:
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (GPT-2 style) trained on ``texts``; EOS doubles as padding."""
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    bpe.train_from_iterator(
+        list(texts), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, pad_token=EOS, bos_token=EOS)
     tok.model_max_length = 1 << 30  # truncation is ours (keep the end of the prompt), not the tokenizer's
     return tok
@@ -41,7 +53,9 @@ def build_model(name: str, vocab_size: int, seed: int, dtype: torch.dtype = torc
     """Random-init model ``builtin:<name>`` with a vocabulary of ``vocab_size`` (seeded, reproducible)."""
     key = name.removeprefix("builtin:")
     if key not in BUILTIN:
-        raise ValueError(f"unknown built-in model {name!r}; expected one of {', '.join('builtin:' + k for k in BUILTIN)}")
+        raise ValueError(
+            f"unknown built-in model {name!r}; expected one of {', '.join('builtin:' + k for k in BUILTIN)}"
+        )
     config_cls, model_cls, kwargs = BUILTIN[key]
     config = config_cls(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kwargs)
     with torch.random.fork_rng(devices=[]):

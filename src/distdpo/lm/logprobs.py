@@ -44,7 +44,9 @@ class TokenizedPairs:
         return 2 * p + len(self.chosen[i]) + len(self.rejected[i])
 
 
-def tokenize_pairs(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str], max_length: int) -> TokenizedPairs:
+def tokenize_pairs(
+    tokenizer, prompts: list[str], chosen: list[str], rejected: list[str], max_length: int
+) -> TokenizedPairs:
     """Tokenize pairs, append EOS, and truncate each (prompt + completion) to ``max_length`` tokens.
 
     Truncation keeps the end of the prompt first (down to half the budget),
@@ -89,8 +91,15 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.segments), move(self.predict_from),
-                           move(self.targets), move(self.owner), self.real_tokens)
+        return PackedBatch(
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.segments),
+            move(self.predict_from),
+            move(self.targets),
+            move(self.owner),
+            self.real_tokens,
+        )
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive [B, 1, T, T] mask: causal, no padding keys, rejected queries blind to chosen keys."""
@@ -127,18 +136,46 @@ def pack(pairs: TokenizedPairs, indices: list[int], pad_id: int) -> PackedBatch:
         targets += [c, r]
         owner += [torch.full((lc,), 2 * b), torch.full((lr,), 2 * b + 1)]
         real += pairs.real_tokens(i)
-    return PackedBatch(input_ids, position_ids, segments, torch.cat(predict), torch.cat(targets), torch.cat(owner), real)
+    return PackedBatch(
+        input_ids, position_ids, segments, torch.cat(predict), torch.cat(targets), torch.cat(owner), real
+    )
 
 
 # Architectures (config.model_type) whose body honours custom position_ids and a 4-D additive mask under eager or
 # SDPA attention, and whose logits are the LM head of the last hidden state up to `_postprocess_logits`; each is
 # checked against a plain forward in tests/test_logprobs_architectures.py. Others (ALiBi: Bloom, MPT, Falcon with
 # alibi; local attention under another name: GPT-Neo; unknown types) take the padded path.
-PACKABLE_MODEL_TYPES = frozenset({
-    "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-    "granite", "granitemoe", "cohere", "cohere2", "phi", "phi3", "gpt_neox", "olmo", "olmo2", "stablelm", "falcon",
-    "starcoder2", "opt", "gptj", "codegen", "smollm3",
-})
+PACKABLE_MODEL_TYPES = frozenset(
+    {
+        "gpt2",
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "granite",
+        "granitemoe",
+        "cohere",
+        "cohere2",
+        "phi",
+        "phi3",
+        "gpt_neox",
+        "olmo",
+        "olmo2",
+        "stablelm",
+        "falcon",
+        "starcoder2",
+        "opt",
+        "gptj",
+        "codegen",
+        "smollm3",
+    }
+)
 PACKABLE_ATTENTION = ("eager", "sdpa")  # flash attention takes no 4-D mask, flex attention a BlockMask
 
 # How `pair_logps` computes, fastest first; a model gets the first that agreed with plain forwards on first use.
@@ -163,7 +200,10 @@ def backbone_and_head(model):
 
 
 def _postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
-    """What the architecture's own forward does to ``head(hidden)``: Cohere's scale, Granite's divisor, Gemma 2/3's cap."""
+    """What the architecture's own forward does to ``head(hidden)``.
+
+    Cohere's scale, Granite's divisor, Gemma 2/3's soft cap.
+    """
     if (scale := getattr(config, "logit_scale", None)) is not None:
         logits = logits * scale
     if (divisor := getattr(config, "logits_scaling", None)) is not None:
@@ -176,9 +216,11 @@ def _postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
 def packing_supported(model) -> bool:
     """Whether the architecture and attention implementation admit the packed layout at all."""
     config = _text_config(model)
-    return (config.model_type in PACKABLE_MODEL_TYPES
-            and getattr(config, "_attn_implementation", None) in PACKABLE_ATTENTION
-            and not getattr(config, "alibi", False))  # Falcon's ALiBi variant ignores position_ids
+    return (
+        config.model_type in PACKABLE_MODEL_TYPES
+        and getattr(config, "_attn_implementation", None) in PACKABLE_ATTENTION
+        and not getattr(config, "alibi", False)
+    )  # Falcon's ALiBi variant ignores position_ids
 
 
 def logp_path(model, batch: PackedBatch) -> str:
@@ -227,8 +269,11 @@ def _self_check(model, batch: PackedBatch) -> str:
                 why = f"off by {error:.3g} nats"
             except Exception as e:  # noqa: BLE001 - e.g. a transformers version that rejects a 4-D mask
                 why = f"{type(e).__name__}: {e}"
-            warnings.warn(f"{path} log-probs of model_type {_text_config(model).model_type!r} disagree with plain "
-                          f"forwards ({why}); using a slower path", RuntimeWarning)
+            warnings.warn(
+                f"{path} log-probs of model_type {_text_config(model).model_type!r} disagree with plain "
+                f"forwards ({why}); using a slower path",
+                RuntimeWarning,
+            )
         return LOOP
     finally:
         for m, training in modes:
@@ -240,8 +285,12 @@ def _packed_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None)
     mask_dtype = autocast_dtype or next(model.parameters()).dtype
     body, head = backbone_and_head(model)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                      attention_mask=batch.attention_mask(mask_dtype), use_cache=False).last_hidden_state
+        hidden = body(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask(mask_dtype),
+            use_cache=False,
+        ).last_hidden_state
         # The LM head only where a completion token is predicted: prompt positions need no vocabulary logits.
         flat = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predict_from)).float()
     flat = _postprocess_logits(flat, _text_config(model))
@@ -273,14 +322,18 @@ def _padded_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None)
     B, L, device = batch.input_ids.shape[0], ids.shape[1], ids.device
     # Position t predicts token t + 1: no logits are needed before the shortest prompt's last token.
     first = int(prompt.min()) - 1
-    kwargs = {"logits_to_keep": L - first} if "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters else {}
+    kwargs = (
+        {"logits_to_keep": L - first} if "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters else {}
+    )
     attention_mask = (torch.arange(L, device=device)[None] < lengths).long()
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
-    logits = logits[:, logits.shape[1] - (L - first):]  # positions first .. L-1, whether or not it kept only those
+    logits = logits[:, logits.shape[1] - (L - first) :]  # positions first .. L-1, whether or not it kept only those
     t = torch.arange(first, L - 1, device=device)[None]
     rows, cols = ((t >= prompt - 1) & (t < lengths - 1)).nonzero(as_tuple=True)
-    token_logps = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, ids[rows, first + cols + 1][:, None]).squeeze(1)
+    token_logps = (
+        torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, ids[rows, first + cols + 1][:, None]).squeeze(1)
+    )
     sums = torch.zeros(2 * B, dtype=token_logps.dtype, device=device).index_add(0, rows, token_logps)
     return sums[:B], sums[B:]
 
@@ -301,7 +354,9 @@ def _loop_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None):
 _PATHS = {PACKED: _packed_logps, PADDED: _padded_logps, LOOP: _loop_logps}
 
 
-def pair_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(
+    model, batch: PackedBatch, autocast_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log π(chosen|prompt) and log π(rejected|prompt) of every pair, ``[B]`` each, in float32.
 
     They equal what ``model(prompt + completion).logits`` gives; `logp_path` says how they are computed.

@@ -27,8 +27,10 @@ def load_model_and_tokenizer(model: str, *, training_texts=None, vocab_size: int
     """``builtin:<name>`` (random init + BPE trained on ``training_texts``), a local path, or a hub id."""
     if is_builtin(model):
         if model.removeprefix("builtin:") not in BUILTIN:
-            raise ConfigError(f"policy.model = {model!r}: no such built-in model; expected one of "
-                              f"{', '.join('builtin:' + k for k in BUILTIN)}")
+            raise ConfigError(
+                f"policy.model = {model!r}: no such built-in model; expected one of "
+                f"{', '.join('builtin:' + k for k in BUILTIN)}"
+            )
         if training_texts is None:
             raise ValueError("a built-in model needs training texts for its tokenizer")
         tok = train_tokenizer(training_texts, vocab_size)
@@ -58,8 +60,18 @@ def load_model_and_tokenizer(model: str, *, training_texts=None, vocab_size: int
 class CausalLMPolicy:
     """The model, its reference, and the flat view of its trainable parameters."""
 
-    def __init__(self, model, tokenizer, *, lora_r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-                 target_modules: list[str] | None = None, device: torch.device | str = "cpu", seed: int = 0):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        lora_r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ):
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
@@ -70,9 +82,14 @@ class CausalLMPolicy:
         if self.lora:
             from peft import LoraConfig, get_peft_model
 
-            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                target_modules=target_modules or None, task_type="CAUSAL_LM",
-                                fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores Conv1D weights transposed
+            config = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=target_modules or None,
+                task_type="CAUSAL_LM",
+                fan_in_fan_out=model.config.model_type == "gpt2",
+            )  # GPT-2 stores Conv1D weights transposed
             # peft draws the adapter's A matrices from the global RNG: seed it here, or every process (and every
             # torchrun rank) would start from a different adapter.
             with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
@@ -134,4 +151,3 @@ class CausalLMPolicy:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DISTDPO_CACHE", Path.home() / ".cache" / "distdpo"))
-

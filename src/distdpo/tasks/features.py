@@ -101,8 +101,15 @@ class FeatureTask:
         pair_w = (weights.to(torch.float64) * total / self.client_sizes.to(torch.float64))[:, None].expand_as(mask)
         train = (self._pairs64[mask][None], torch.tensor([total]), pair_w[mask][None])
         return FeatureTask(
-            self.data, self.policy, self.reference, beta=self.beta, loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing, dtype=self.dtype, device=self.device, _train=train,
+            self.data,
+            self.policy,
+            self.reference,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            dtype=self.dtype,
+            device=self.device,
+            _train=train,
         )
 
     def fingerprint(self) -> dict[str, str]:

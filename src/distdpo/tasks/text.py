@@ -72,7 +72,9 @@ class TextTask:
         self._ref = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64) if reference is None else reference
         # IPO on sequences uses per-token mean log-probs (as TRL and the IPO paper's LM use); the others use sums.
         self._per_token = loss_type == "ipo"
-        self._lengths = torch.tensor([[len(c), len(r)] for c, r in zip(pairs.chosen, pairs.rejected)], dtype=torch.float64)
+        self._lengths = torch.tensor(
+            [[len(c), len(r)] for c, r in zip(pairs.chosen, pairs.rejected)], dtype=torch.float64
+        )
         self._initial = policy.get_flat() if initial is None else initial
         self._tokens, self._seconds, self._counting = 0, 0.0, True
 
@@ -128,10 +130,19 @@ class TextTask:
         total = int(self.client_sizes.sum())
         w = [np.full(len(t), float(weights[i]) * total / len(t)) for i, t in enumerate(self.train)]
         return TextTask(
-            self.policy, self.pairs, [torch.cat(self.train)], [torch.cat(self.eval)], ["pooled"], beta=self.beta,
-            loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            loss_pairs_per_client=self.loss_pairs_per_client, eval_chunk=self.eval_chunk,
-            pair_weight=[np.concatenate(w)], reference=self._ref, initial=self._initial,
+            self.policy,
+            self.pairs,
+            [torch.cat(self.train)],
+            [torch.cat(self.eval)],
+            ["pooled"],
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            loss_pairs_per_client=self.loss_pairs_per_client,
+            eval_chunk=self.eval_chunk,
+            pair_weight=[np.concatenate(w)],
+            reference=self._ref,
+            initial=self._initial,
         )
 
     def fingerprint(self) -> dict[str, str]:
@@ -149,7 +160,9 @@ class TextTask:
         missing = ids[torch.isnan(self._ref[ids, 0])].unique()
         for start in range(0, len(missing), self.eval_chunk):
             chunk = missing[start : start + self.eval_chunk]
-            w, l = self.policy.reference_logps(pack(self.pairs, chunk.tolist(), self.policy.pad_id).to(self.policy.device))
+            w, l = self.policy.reference_logps(
+                pack(self.pairs, chunk.tolist(), self.policy.pad_id).to(self.policy.device)
+            )
             self._ref[chunk, 0], self._ref[chunk, 1] = w.double().cpu(), l.double().cpu()
         return self._ref[ids]
 
@@ -227,7 +240,9 @@ class TextTask:
                 l.append(pl.double().cpu())
             ref = self._normalised(ids, self.reference(ids))
             pol = self._normalised(ids, torch.stack([torch.cat(w), torch.cat(l)], 1))
-            losses, m = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.label_smoothing)
+            losses, m = dpo_loss(
+                pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.label_smoothing
+            )
             acc.append(float(m["rewards/accuracies"].mean()))
             parts.append((losses, m, pol[:, 0] - ref[:, 0]))
         if not parts:
@@ -253,10 +268,16 @@ class TextTask:
                 m = min(pairs_per_client, int(self.client_sizes[i]))
                 if m < 2:
                     continue
-                g = torch.stack([
-                    self.loss_and_grad(X, torch.tensor([i]), Batch(torch.full((self.num_clients, 1), j), torch.ones(self.num_clients, 1)))[1][0]
-                    for j in range(m)
-                ]).double()
+                g = torch.stack(
+                    [
+                        self.loss_and_grad(
+                            X,
+                            torch.tensor([i]),
+                            Batch(torch.full((self.num_clients, 1), j), torch.ones(self.num_clients, 1)),
+                        )[1][0]
+                        for j in range(m)
+                    ]
+                ).double()
                 total += float(((g - g.mean(0)) ** 2).sum(1).sum() / (m - 1))
                 count += 1
         finally:

@@ -33,8 +33,13 @@ def backend_config(cfg) -> dict:
     cpus = cfg.engine.flower_cpus or os.cpu_count() or 1
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                      "logging_level": "ERROR", "log_to_driver": False},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": 0,
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+        },
     }
 
 
@@ -67,8 +72,12 @@ def run(cfg, label: str, cache, *, progress: bool = True):
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # Flower logs every message at INFO (and run_simulation's deprecation)
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cache.task(cfg).num_clients,
-                       backend_config=backend_config(cfg))
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cache.task(cfg).num_clients,
+            backend_config=backend_config(cfg),
+        )
     finally:
         flwr_logger.setLevel(level)
         if ray.is_initialized():

@@ -25,10 +25,13 @@ def _partition(context: Context, task) -> int:
     except KeyError:
         raise ValueError(
             f"this SuperNode has no '{wire.PARTITION}' in its node config; start it with "
-            f"--node-config \"{wire.PARTITION}=<i> {wire.NUM_PARTITIONS}=<n>\""
+            f'--node-config "{wire.PARTITION}=<i> {wire.NUM_PARTITIONS}=<n>"'
         ) from None
     if not 0 <= pid < task.num_clients:
-        raise ValueError(f"{wire.PARTITION} = {pid} but the distdpo config has {task.num_clients} clients (0..{task.num_clients - 1})")
+        raise ValueError(
+            f"{wire.PARTITION} = {pid} but the distdpo config has {task.num_clients} clients "
+            f"(0..{task.num_clients - 1})"
+        )
     return pid
 
 
@@ -54,8 +57,13 @@ def query(msg: Message, context: Context) -> Message:
     text = msg.content["config"][wire.CONFIG]
     cfg, task = wire.config_from_text(text), wire.task_for(text)
     pid = _partition(context, task)
-    metrics = MetricRecord({wire.PARTITION: pid, wire.NUM_PARTITIONS: int(context.node_config.get(wire.NUM_PARTITIONS, -1)),
-                            wire.NUM_EXAMPLES: _num_examples(cfg, task, pid)})
+    metrics = MetricRecord(
+        {
+            wire.PARTITION: pid,
+            wire.NUM_PARTITIONS: int(context.node_config.get(wire.NUM_PARTITIONS, -1)),
+            wire.NUM_EXAMPLES: _num_examples(cfg, task, pid),
+        }
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -70,14 +78,23 @@ def train(msg: Message, context: Context) -> Message:
     dtype = build.torch_dtype(cfg)
     arrays = msg.content["arrays"]
     theta = wire.from_record(arrays, wire.THETA, dtype, task.device)
-    correction = wire.from_record(arrays, wire.CORRECTION, dtype, task.device)[None] if wire.CORRECTION in arrays else None
+    correction = (
+        wire.from_record(arrays, wire.CORRECTION, dtype, task.device)[None] if wire.CORRECTION in arrays else None
+    )
     gen = wire.rng_from_bytes(config[wire.RNG_STATE])
     a = cfg.algorithm
     bs = build.batch_size(cfg)
     X, drift, _ = local_steps(
-        task, theta[None], torch.tensor([pid], device=task.device), a.local_steps,
-        ClientOptimizer(a.optimizer, a.lr, a.weight_decay), lambda: task.sample_batch(gen, bs),
-        correction=correction, prox_mu=float(config.get("proximal-mu", 0.0)),
+        task,
+        theta[None],
+        torch.tensor([pid], device=task.device),
+        a.local_steps,
+        ClientOptimizer(a.optimizer, a.lr, a.weight_decay),
+        lambda: task.sample_batch(gen, bs),
+        correction=correction,
+        prox_mu=float(config.get("proximal-mu", 0.0)),
     )
-    metrics = MetricRecord({wire.NUM_EXAMPLES: _num_examples(cfg, task, pid), wire.DRIFT: float(drift[0]), wire.PARTITION: pid})
+    metrics = MetricRecord(
+        {wire.NUM_EXAMPLES: _num_examples(cfg, task, pid), wire.DRIFT: float(drift[0]), wire.PARTITION: pid}
+    )
     return Message(RecordDict({"arrays": wire.to_record(theta=X[0]), "metrics": metrics}), reply_to=msg)

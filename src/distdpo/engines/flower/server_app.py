@@ -22,7 +22,7 @@ from distdpo.algorithms.federated import federated_round_bytes, sample_clients
 from distdpo.checkpoint import RunCheckpoint
 from distdpo.config import Config, ConfigError
 from distdpo.engines.flower import common as wire
-from distdpo.engines.flower.strategies import Scaffold, SampledGrid, load_strategy_state, make_strategy, strategy_state
+from distdpo.engines.flower.strategies import SampledGrid, Scaffold, load_strategy_state, make_strategy, strategy_state
 from distdpo.faults import RankFailure
 
 
@@ -30,9 +30,15 @@ class ClientFailure(RankFailure):
     """A Flower client (a simulation actor or a SuperNode) died, failed or did not answer in time."""
 
 
-def _raise_errors(replies: list[Message], nodes: list[int], what: str, partition_of: dict[int, int] | None = None,
-                  names: list[str] | None = None) -> None:
+def _raise_errors(
+    replies: list[Message],
+    nodes: list[int],
+    what: str,
+    partition_of: dict[int, int] | None = None,
+    names: list[str] | None = None,
+) -> None:
     """Raise :class:`ClientFailure` naming each failed or silent client by its partition (and node id)."""
+
     def client(node: int) -> str:
         pid = (partition_of or {}).get(node)
         if pid is None:
@@ -46,8 +52,10 @@ def _raise_errors(replies: list[Message], nodes: list[int], what: str, partition
         raise ClientFailure(f"{what}: {client(m.metadata.src_node_id)} failed: {m.error.reason}")
     silent = sorted(set(nodes) - {m.metadata.src_node_id for m in replies})
     if silent:
-        raise ClientFailure(f"{what}: {len(silent)} of {len(nodes)} clients did not reply within engine.flower_timeout: "
-                            f"{', '.join(client(n) for n in silent)}")
+        raise ClientFailure(
+            f"{what}: {len(silent)} of {len(nodes)} clients did not reply within engine.flower_timeout: "
+            f"{', '.join(client(n) for n in silent)}"
+        )
 
 
 def discover_partitions(grid: Grid, config_text: str, num_clients: int, timeout: float) -> dict[int, int]:
@@ -64,7 +72,9 @@ def discover_partitions(grid: Grid, config_text: str, num_clients: int, timeout:
     for m in replies:
         pid = int(m.content["metrics"][wire.PARTITION])
         if pid in node_of:
-            raise RuntimeError(f"two SuperNodes ({node_of[pid]}, {m.metadata.src_node_id}) claim {wire.PARTITION} = {pid}")
+            raise RuntimeError(
+                f"two SuperNodes ({node_of[pid]}, {m.metadata.src_node_id}) claim {wire.PARTITION} = {pid}"
+            )
         node_of[pid] = m.metadata.src_node_id
     missing = sorted(set(range(num_clients)) - set(node_of))
     if missing:
@@ -120,28 +130,43 @@ class FlowerServer:
             config["proximal-mu"] = a.mu  # FedProx's key; set here too when a server optimizer replaces FedProx
         for _ in range(a.local_steps):  # advance past the batches the clients draw from that state
             self.task.sample_batch(self.data_gen, self.batch_size)
-        messages = list(self.strategy.configure_train(r, wire.to_record(theta=self.theta), config,
-                                                      SampledGrid(self.grid, [self.node_of[int(i)] for i in sampled])))
+        messages = list(
+            self.strategy.configure_train(
+                r,
+                wire.to_record(theta=self.theta),
+                config,
+                SampledGrid(self.grid, [self.node_of[int(i)] for i in sampled]),
+            )
+        )
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.engine.flower_timeout))
-        _raise_errors(replies, [m.metadata.dst_node_id for m in messages], f"round {r}", self.partition_of,
-                      self.task.client_names)
+        _raise_errors(
+            replies, [m.metadata.dst_node_id for m in messages], f"round {r}", self.partition_of, self.task.client_names
+        )
         arrays, _ = self.strategy.aggregate_train(r, replies)
         if arrays is None:
             raise RuntimeError(f"round {r}: the strategy returned no model")
         self.theta = wire.from_record(arrays, wire.THETA, self.dtype, self.task.device)
         drift = sum(float(m.content["metrics"][wire.DRIFT]) for m in replies) / len(replies)
-        sent = federated_round_bytes(len(sampled), self.task.num_params, self.theta.element_size(), a.name == "scaffold")
+        sent = federated_round_bytes(
+            len(sampled), self.task.num_params, self.theta.element_size(), a.name == "scaffold"
+        )
         return {"client_drift": drift, "bytes": sent}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"theta": self.theta, "rng.data": self.data_gen.get_state(), "rng.sample": self.sample_gen.get_state(),
-                **{f"strategy.{k}": v for k, v in strategy_state(self.strategy).items()}}
+        return {
+            "theta": self.theta,
+            "rng.data": self.data_gen.get_state(),
+            "rng.sample": self.sample_gen.get_state(),
+            **{f"strategy.{k}": v for k, v in strategy_state(self.strategy).items()},
+        }
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self.theta = tensors["theta"].to(self.theta.dtype)
         self.data_gen.set_state(tensors["rng.data"].to(torch.uint8).contiguous())
         self.sample_gen.set_state(tensors["rng.sample"].to(torch.uint8).contiguous())
-        load_strategy_state(self.strategy, {k[len("strategy."):]: v for k, v in tensors.items() if k.startswith("strategy.")})
+        load_strategy_state(
+            self.strategy, {k[len("strategy.") :]: v for k, v in tensors.items() if k.startswith("strategy.")}
+        )
 
 
 # ---- deployment: `flwr run flower_app <connection>` ----------------------------------------------
@@ -158,8 +183,11 @@ def main(grid: Grid, context: Context) -> None:
 
     rc = context.run_config
     if not rc.get("config"):
-        raise ConfigError("run config 'config' (path of a distdpo TOML config) is required: flwr run ... --run-config 'config=\"/abs/path.toml\"'")
-    overrides = [s for s in str(rc.get("set", "")).split(";") if s.strip()] + ["engine.name=\"flower\""]
+        raise ConfigError(
+            "run config 'config' (path of a distdpo TOML config) is required: "
+            "flwr run ... --run-config 'config=\"/abs/path.toml\"'"
+        )
+    overrides = [s for s in str(rc.get("set", "")).split(";") if s.strip()] + ['engine.name="flower"']
     cfg = load(str(rc["config"]), overrides)
     out = str(rc.get("out") or Path("runs") / f"{Path(str(rc['config'])).stem}-flower-{time.strftime('%Y%m%d-%H%M%S')}")
     with use_grid(grid):

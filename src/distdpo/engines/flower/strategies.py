@@ -73,8 +73,18 @@ class Scaffold(FedAvg):
     renormalized over S.
     """
 
-    def __init__(self, *, num_clients: int, num_params: int, weights: torch.Tensor, local_steps: int, lr: float,
-                 server_lr: float, dtype: torch.dtype, **kwargs):
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        num_params: int,
+        weights: torch.Tensor,
+        local_steps: int,
+        lr: float,
+        server_lr: float,
+        dtype: torch.dtype,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.weights = weights.to(dtype)  # p_i over all clients, sums to 1
         self.K, self.lr, self.dtype = local_steps, lr, dtype
@@ -84,18 +94,26 @@ class Scaffold(FedAvg):
         self.node_partition: dict[int, int] = {}
         self.theta: torch.Tensor | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.theta = wire.from_record(arrays, wire.THETA, self.dtype)
         config["server-round"] = server_round
         messages = []
         for node_id in grid.get_node_ids():
             i = self.node_partition[node_id]
-            record = RecordDict({self.arrayrecord_key: wire.to_record(theta=self.theta, correction=self.c - self.c_local[i]),
-                                 self.configrecord_key: config})
+            record = RecordDict(
+                {
+                    self.arrayrecord_key: wire.to_record(theta=self.theta, correction=self.c - self.c_local[i]),
+                    self.configrecord_key: config,
+                }
+            )
             messages.append(Message(content=record, message_type="train", dst_node_id=node_id))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
@@ -127,22 +145,36 @@ def make_strategy(cfg: Config, task, weights: torch.Tensor, num_sampled: int) ->
     a, e = cfg.algorithm, cfg.engine
     spec = ALGORITHM_SPECS[a.name]
     # Sampling happens before the strategy sees the grid (SampledGrid): take every node it is shown.
-    common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": num_sampled,
-              "min_available_nodes": num_sampled}
+    common = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": num_sampled,
+        "min_available_nodes": num_sampled,
+    }
     opt = resolve_server_optimizer(a)
     adaptive = {"eta": a.server_lr, "eta_l": a.lr, "tau": a.server_tau, **common}
     if spec.scaffold:
         if opt != "sgd":
-            raise ConfigError(f"algorithm.server_optimizer = {a.server_optimizer!r}: engine 'flower' runs SCAFFOLD "
-                              "with the sgd server step")
-        strategy: Strategy = Scaffold(num_clients=task.num_clients, num_params=task.num_params, weights=weights,
-                                      local_steps=a.local_steps, lr=a.lr, server_lr=a.server_lr,
-                                      dtype=build.torch_dtype(cfg), **common)
+            raise ConfigError(
+                f"algorithm.server_optimizer = {a.server_optimizer!r}: engine 'flower' runs SCAFFOLD "
+                "with the sgd server step"
+            )
+        strategy: Strategy = Scaffold(
+            num_clients=task.num_clients,
+            num_params=task.num_params,
+            weights=weights,
+            local_steps=a.local_steps,
+            lr=a.lr,
+            server_lr=a.server_lr,
+            dtype=build.torch_dtype(cfg),
+            **common,
+        )
     elif opt == "sgd" and a.server_lr == 1.0:
         strategy = FedProx(proximal_mu=a.mu, **common) if spec.prox else FedAvg(**common)
     elif opt in ("sgd", "avgm"):
-        strategy = FedAvgM(server_learning_rate=a.server_lr,
-                           server_momentum=a.server_momentum if opt == "avgm" else 0.0, **common)
+        strategy = FedAvgM(
+            server_learning_rate=a.server_lr, server_momentum=a.server_momentum if opt == "avgm" else 0.0, **common
+        )
     elif opt == "adam":
         strategy = FedAdam(beta_1=a.server_momentum, beta_2=a.server_beta2, **adaptive)
     elif opt == "yogi":
@@ -151,12 +183,17 @@ def make_strategy(cfg: Config, task, weights: torch.Tensor, num_sampled: int) ->
         strategy = FedAdagrad(**adaptive)
     if e.dp_clip > 0:
         if spec.scaffold:
-            raise ConfigError("engine.dp_clip: Flower's DP clipping wrappers do not apply to SCAFFOLD's control "
-                              "variates")
-        wrapper = (DifferentialPrivacyServerSideFixedClipping if e.dp_side == "server"
-                   else DifferentialPrivacyClientSideFixedClipping)
-        strategy = wrapper(strategy, noise_multiplier=e.dp_noise, clipping_norm=e.dp_clip,
-                           num_sampled_clients=num_sampled)
+            raise ConfigError(
+                "engine.dp_clip: Flower's DP clipping wrappers do not apply to SCAFFOLD's control variates"
+            )
+        wrapper = (
+            DifferentialPrivacyServerSideFixedClipping
+            if e.dp_side == "server"
+            else DifferentialPrivacyClientSideFixedClipping
+        )
+        strategy = wrapper(
+            strategy, noise_multiplier=e.dp_noise, clipping_norm=e.dp_clip, num_sampled_clients=num_sampled
+        )
     return strategy
 
 
