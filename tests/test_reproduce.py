@@ -2,6 +2,7 @@
 
 import base64
 import csv
+import itertools
 import json
 import math
 import re
@@ -9,12 +10,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import make_config
 
 from distdpo.cli import main
 from distdpo.config import ConfigError
 from distdpo.experiment import Cache, run_one
-from distdpo.reproduce import DATASETS, dataset_base, fit_loglog, verdict
-from helpers import make_config
+from distdpo.reproduce import DATASETS, MissingRuns, RunKey, Verdict, dataset_base, fit_loglog, verdict
+from distdpo.reproduce.experiments import b4_staleness
+
 
 @pytest.fixture(autouse=True)
 def _one_thread(_threads):
@@ -34,9 +37,12 @@ def _floor(rows, column="optimality_gap", frac=0.1):
 
 
 def _run(cache, heterogeneity=2.0, graph="ring", **algorithm):
-    cfg = make_config(data={**SMALL, "heterogeneity": heterogeneity},
-                      algorithm={"rounds": 150, "lr": 0.5, "batch_size": "full", **algorithm},
-                      topology={"graph": graph}, engine={"progress": False, "eval_every": 5})
+    cfg = make_config(
+        data={**SMALL, "heterogeneity": heterogeneity},
+        algorithm={"rounds": 150, "lr": 0.5, "batch_size": "full", **algorithm},
+        topology={"graph": graph},
+        engine={"progress": False, "eval_every": 5},
+    )
     rows, summary = run_one(cfg, "t", cache, progress=False)
     return rows, summary
 
@@ -52,7 +58,10 @@ def test_gap_increases_with_local_steps_at_high_heterogeneity(cache):
 
 
 def test_gap_decreases_with_participation(cache):
-    floors = [_floor(_run(cache, name="fedavg", local_steps=1, clients_per_round=s)[0], frac=0.5 if s < 8 else 0.1) for s in (1, 2, 4, 8)]
+    floors = [
+        _floor(_run(cache, name="fedavg", local_steps=1, clients_per_round=s)[0], frac=0.5 if s < 8 else 0.1)
+        for s in (1, 2, 4, 8)
+    ]
     assert floors[0] > floors[1] > floors[2] > floors[3]
     assert floors[3] < 1e-9  # every client every round: gradient descent
 
@@ -65,7 +74,7 @@ def test_consensus_distance_decreases_with_spectral_gap(cache):
     out.sort()
     gaps, cons = zip(*out)
     assert gaps[0] < gaps[-1]
-    assert all(a > b for a, b in zip(cons, cons[1:]))
+    assert all(a > b for a, b in itertools.pairwise(cons))
 
 
 def test_gradient_tracking_beats_dsgd_at_high_heterogeneity(cache):
@@ -124,7 +133,8 @@ def test_quick_writes_the_report_and_the_metrics(quick_run):
     assert summary["seeds"] == 2 and summary["quick"] and len(summary["runs"]) == len({r["run"] for r in rows})
     assert summary["claims"] and all(c["verdict"] for c in summary["claims"])
     th = summary["theory"]
-    assert th["L_bound"] >= th["L_eig_at_theta_star"] and th["L_power_at_theta_star"] == pytest.approx(th["L_eig_at_theta_star"], rel=1e-3)
+    assert th["L_bound"] >= th["L_eig_at_theta_star"]
+    assert th["L_power_at_theta_star"] == pytest.approx(th["L_eig_at_theta_star"], rel=1e-3)
 
 
 def test_quick_claims_point_the_predicted_way(quick_run):
@@ -142,7 +152,8 @@ def test_resume_reruns_only_the_missing_runs_and_gives_the_same_fits(quick_run, 
 
     out = tmp_path / "resumed"
     shutil.copytree(quick_run, out)
-    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]) == 2  # refuses to overwrite
+    # refuses to overwrite
+    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
     (out / "runs" / "zz-notes.json").write_text('{"label": "x"}')  # a foreign file is refused by name, not trusted
     assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress", "--resume"]) == 2
@@ -165,18 +176,74 @@ def test_resume_reruns_only_the_missing_runs_and_gives_the_same_fits(quick_run, 
 def test_a_failed_analysis_is_reported_and_the_exit_code_says_so(quick_run, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from distdpo.reproduce import Suite
-
     out = tmp_path / "failing"
     shutil.copytree(quick_run, out)
 
-    def broken(self):
+    def broken(results):
         raise KeyError("a series the analysis looks for")
 
-    monkeypatch.setattr(Suite, "analyse_B4", broken)
+    monkeypatch.setattr(b4_staleness, "analyse", broken)
     assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress", "--resume"]) == 1
     err = capsys.readouterr().err
     assert "analysis B4" in err and "a series the analysis looks for" in err
     summary = json.loads((out / "summary.json").read_text())
     assert "B4" in summary["failed_analyses"]
     assert "B4: analysis failed" in (out / "report.md").read_text()  # the report is still written, and says so
+
+
+def test_a_renamed_series_fails_its_analysis_loudly(quick_run, tmp_path, capsys, monkeypatch):
+    """The runs an experiment builds and the runs its analysis asks for must agree; if a series is renamed on one side
+    only, the analysis fails, is listed, and the command exits 1 (no claim is silently dropped)."""
+    import dataclasses
+    import shutil
+
+    out = tmp_path / "renamed"
+    shutil.copytree(quick_run, out)
+    built = b4_staleness.runs
+    exact = b4_staleness.full_batch_series(max(DATASETS["synthetic"].scale(True).staleness))
+
+    def renamed(plan):
+        runs = built(plan)
+        for run in runs:
+            if run.key.series == exact:
+                run.key = dataclasses.replace(run.key, series="exact gradients")
+        return runs
+
+    monkeypatch.setattr(b4_staleness, "runs", renamed)
+    assert main(["reproduce", "--quick", "--seeds", "2", "--out", str(out), "--no-progress", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "analysis B4: MissingRuns" in err and repr(exact) in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["failed_analyses"]) == {"B4"} and not summary["failed_runs"]
+    assert "B4/exact gradients/x=5/seed=0" in summary["runs"]  # the renamed runs were trained under their new name
+    claims = json.loads((quick_run / "summary.json").read_text())["claims"]
+    assert [c for c in summary["claims"] if c["experiment"] != "B4"] == [c for c in claims if c["experiment"] != "B4"]
+
+
+def test_run_labels_are_derived_from_the_key():
+    assert RunKey("A", "FedAvg full (S=n)", seed=1).label == "A/FedAvg full (S=n)/seed=1"
+    assert RunKey("B1", "E=3", x=3.0).label == "B1/E=3/x=3/seed=0"
+    assert RunKey("B3", "DSGD", regime="noise", graph="ring", seed=2).label == "B3/noise/ring/seed=2"
+    assert RunKey("B5", "DSGD ring", graph="ring", x=0.5).label == "B5/DSGD ring/x=0.5/seed=0"
+    assert RunKey("B5n", "FedAvg S=4", x=128.0).group == "FedAvg S=4"
+
+
+def test_verdicts_serialise_as_their_text():
+    assert json.dumps({"v": Verdict.DIRECTION_ONLY}) == '{"v": "direction only (exponent differs)"}'
+    assert f"{Verdict.HOLDS:<8}|" == "holds   |"
+    assert Verdict.of(False) == "does not hold" and not Verdict.NOT_TESTABLE_NO_OPTIMUM.testable
+
+
+def test_asking_for_runs_that_do_not_exist_raises():
+    from distdpo.experiment import Cache
+    from distdpo.reproduce.results import Results
+    from distdpo.reproduce.runs import Run
+
+    dataset = DATASETS["synthetic"]
+    finished = Run(RunKey("B4", "q_max=0", x=0.0), {}, rows=[{"round": 0}])
+    results = Results(dataset, dataset.scale(True), dataset.base(True), 1, [finished], Cache())
+    assert results.select("B4", "q_max=0") == [finished]
+    with pytest.raises(MissingRuns, match="'q_max=0'"):  # says which series exist
+        results.select("B4", "full batch q_max=5")
+    with pytest.raises(MissingRuns, match="it has none"):
+        results.select("B2")
