@@ -198,7 +198,7 @@ def _internal_error(e: BaseException) -> int:
     import tempfile
     import traceback
 
-    from distdpo.lm.policy import cache_dir
+    from distdpo.io import cache_dir
 
     text = "".join(traceback.format_exception(e))
     for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):

@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+def cache_dir() -> Path:
+    """Where distdpo caches reference log-probs and error logs: ``$DISTDPO_CACHE`` or ``~/.cache/distdpo``."""
+    return Path(os.environ.get("DISTDPO_CACHE", Path.home() / ".cache" / "distdpo"))
+
+
 def umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)

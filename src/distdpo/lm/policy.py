@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -147,7 +146,3 @@ class CausalLMPolicy:
         h.update(ref.config.to_json_string(use_diff=False).encode())
         h.update(f"device={self.device.type}:autocast={self.autocast_dtype}".encode())
         return h.hexdigest()[:24]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISTDPO_CACHE", Path.home() / ".cache" / "distdpo"))

@@ -145,12 +145,6 @@ def language_model_scale(quick: bool) -> Scale:
 # to 0.91.
 HH_LR, PANDALM_LR = 2.0, 0.5
 
-LANGUAGE_MODEL_DATASET = {
-    "needs": "the language-model workload (data.source = a preference file, policy.kind = 'causal_lm', policy.model)",
-    "default_seeds": 2,
-    "homogeneous_data": {"partition": "iid"},
-    "homogeneous_text": "IID split, ζ ≈ 0",
-}
 HH_DATA = {
     "format": "hh-rlhf", "partition": "dirichlet", "label_column": "turns", "dirichlet_alpha": 0.5, "num_clients": 8,
 }  # fmt: skip
@@ -158,6 +152,17 @@ PANDALM_DATA = {
     "format": "pandalm", "pandalm_mode": "votes", "partition": "dirichlet", "label_column": "annotator",
     "dirichlet_alpha": 0.5, "num_clients": 8,
 }  # fmt: skip
+
+
+def language_model_dataset(name: str, description: str, path: str, data: dict, lr: float) -> Dataset:
+    """A suite on real preference data with the built-in small causal LM (experiments A–B4, 2 seeds)."""
+    return Dataset(
+        name, f"{description}, built-in small causal LM", language_model_base(path, data, lr), language_model_scale,
+        ("A", "B1", "B2", "B3", "B4"), default_seeds=2, homogeneous_data={"partition": "iid"},
+        homogeneous_text="IID split, ζ ≈ 0",
+        needs="the language-model workload (data.source = a preference file, policy.kind = 'causal_lm', policy.model)",
+    )  # fmt: skip
+
 
 DATASETS: dict[str, Dataset] = {
     "synthetic": Dataset(
@@ -168,24 +173,20 @@ DATASETS: dict[str, Dataset] = {
         ("A", "B1", "B2", "B3", "B4", "B5"),
         synthetic_model=True,
     ),
-    "hh-rlhf": Dataset(
+    "hh-rlhf": language_model_dataset(
         "hh-rlhf",
-        "Anthropic HH-RLHF harmless-base test (2,312 human pairs; Dirichlet(0.5) over dialogue depth into 8 clients), "
-        "built-in small causal LM",
-        language_model_base("hh-rlhf/harmless-base-test.jsonl.gz", HH_DATA, HH_LR),
-        language_model_scale,
-        ("A", "B1", "B2", "B3", "B4"),
-        **LANGUAGE_MODEL_DATASET,
-    ),
-    "pandalm": Dataset(
+        "Anthropic HH-RLHF harmless-base test (2,312 human pairs; Dirichlet(0.5) over dialogue depth into 8 clients)",
+        "hh-rlhf/harmless-base-test.jsonl.gz",
+        HH_DATA,
+        HH_LR,
+    ),  # fmt: skip
+    "pandalm": language_model_dataset(
         "pandalm",
-        "PandaLM test set (human votes of 3 annotators, Dirichlet(0.5) over annotator into 8 clients), "
-        "built-in small causal LM",
-        language_model_base("pandalm/testset-v1.json", PANDALM_DATA, PANDALM_LR),
-        language_model_scale,
-        ("A", "B1", "B2", "B3", "B4"),
-        **LANGUAGE_MODEL_DATASET,
-    ),
+        "PandaLM test set (human votes of 3 annotators, Dirichlet(0.5) over annotator into 8 clients)",
+        "pandalm/testset-v1.json",
+        PANDALM_DATA,
+        PANDALM_LR,
+    ),  # fmt: skip
 }
 
 

@@ -44,8 +44,11 @@ def band_panel(
     xlabel: str = "round",
     log_x: bool = False,
     marker: str | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+    legend: bool = False,
 ) -> None:
-    """Draw each curve ``label → (x, values)`` as its mean over seeds with a min–max band.
+    """Draw each curve ``label → (x, values)`` as its mean over seeds with a min–max band (and label the panel).
 
     ``values`` holds one row per seed and one column per x (NaN where a seed has no value); the band is drawn
     wherever more than one seed has a value.
@@ -68,6 +71,12 @@ def band_panel(
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.grid(True, alpha=0.3, which="both" if log_x else "major")
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    if legend:
+        ax.legend(fontsize=7)
+    if title is not None:
+        ax.set_title(title, fontsize=8)
 
 
 def scatter_fit(ax, x, y, fit: dict, label: str, xlabel: str, ylabel: str, color=None) -> None:

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save
 
 from distdpo.fingerprint import digest
-from distdpo.io import write_bytes_atomic
+from distdpo.io import cache_dir, write_bytes_atomic
 from distdpo.lm.logprobs import TokenizedPairs, pack
-from distdpo.lm.policy import CausalLMPolicy, cache_dir
+from distdpo.lm.policy import CausalLMPolicy
 from distdpo.losses import dpo_loss, margin_loss
 from distdpo.tasks.base import Batch, client_metrics
 
@@ -71,10 +71,9 @@ class TextTask:
         # Reference log-probs per pair, filled on first use (a task built from another shares its tensor).
         self._ref = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64) if reference is None else reference
         # IPO on sequences uses per-token mean log-probs (as TRL and the IPO paper's LM use); the others use sums.
-        self._per_token = loss_type == "ipo"
-        self._lengths = torch.tensor(
-            [[len(c), len(r)] for c, r in zip(pairs.chosen, pairs.rejected)], dtype=torch.float64
-        )
+        self._lengths = None  # completion token counts, [len(pairs), 2]: IPO only
+        if loss_type == "ipo":
+            self._lengths = torch.tensor([[len(c), len(r)] for c, r in zip(pairs.chosen, pairs.rejected)]).double()
         self._initial = policy.get_flat() if initial is None else initial
         self._tokens, self._seconds, self._counting = 0, 0.0, True
 
@@ -121,7 +120,7 @@ class TextTask:
 
     def _normalised(self, ids: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
         """[B, 2] summed log-probs, divided by the completions' token counts when the loss is IPO."""
-        if not self._per_token:
+        if self._lengths is None:
             return logps
         return logps / self._lengths[ids].to(logps.device, logps.dtype)
 

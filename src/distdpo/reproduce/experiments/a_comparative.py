@@ -94,10 +94,14 @@ def analyse(results: Results) -> Findings:
         fig.suptitle(f"A · {note} · {seeds}", fontsize=9)
 
     def draw_heterogeneity(fig, axes):
-        band_panel(axes[0], results.curves_over_seeds(groups, "heterogeneity"), log=True)
-        axes[0].set_ylabel("ζ²(θ̄_t)")
-        axes[0].legend(fontsize=7)
-        axes[0].set_title(f"ζ² along the run · {note}", fontsize=8)
+        band_panel(
+            axes[0],
+            results.curves_over_seeds(groups, "heterogeneity"),
+            log=True,
+            ylabel="ζ²(θ̄_t)",
+            legend=True,
+            title=f"ζ² along the run · {note}",
+        )
 
     comparison = render_figure(
         "a_comparative",

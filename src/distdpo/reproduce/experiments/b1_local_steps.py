@@ -83,11 +83,15 @@ def analyse(results: Results) -> Findings:
         )
 
     def draw(fig, axes):
-        band_panel(axes[0], results.curves_over_seeds(groups, results.metric), log=True)
+        band_panel(
+            axes[0],
+            results.curves_over_seeds(groups, results.metric),
+            log=True,
+            ylabel=results.metric_label,
+            legend=True,
+            title=f"B1 · FedAvg · {note} · {results.seeds_note()}",
+        )
         axes[0].axvline(rounds, color="k", linestyle=":", linewidth=1)
-        axes[0].set_ylabel(results.metric_label)
-        axes[0].legend(fontsize=7)
-        axes[0].set_title(f"B1 · FedAvg · {note} · {results.seeds_note()}", fontsize=8)
         scatter_fit(axes[1], x, floors_at_rounds, fit, "floor at round R", "E − 1", results.metric_label)
         no_floor = "; E = 1 has no floor" if scale.exact_gradients else ""
         axes[1].set_title("floor vs E − 1 (log-log)" + no_floor, fontsize=8)

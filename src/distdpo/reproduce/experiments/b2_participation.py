@@ -77,10 +77,14 @@ def analyse(results: Results) -> Findings:
         )
 
     def draw(fig, axes):
-        band_panel(axes[0], results.curves_over_seeds(groups, results.metric), log=True)
-        axes[0].set_ylabel(results.metric_label)
-        axes[0].legend(fontsize=7)
-        axes[0].set_title(f"B2 · FedAvg · {note} · {results.seeds_note()}", fontsize=8)
+        band_panel(
+            axes[0],
+            results.curves_over_seeds(groups, results.metric),
+            log=True,
+            ylabel=results.metric_label,
+            legend=True,
+            title=f"B2 · FedAvg · {note} · {results.seeds_note()}",
+        )
         axes[1].scatter([1 / run.x for run in every], np.maximum(floors, LOG_FLOOR), s=18)
         axes[1].set_xlabel("1/S")
         axes[1].set_ylabel("floor (tail mean)")

@@ -260,16 +260,28 @@ def figures(results: Results, consensus: Consensus, tracked: RoundsToEpsilon, fi
 
     def draw_curves(fig, axes):
         heterogeneity_curves = driven[HETEROGENEITY]
-        band_panel(axes[0], results.curves_over_seeds(heterogeneity_curves, "global_loss"), log=False)
-        axes[0].set_ylabel("global loss f(θ̄)")
-        axes[0].legend(fontsize=7)
-        axes[0].set_title(f"DSGD, {note_heterogeneity}", fontsize=8)
-        band_panel(axes[1], results.curves_over_seeds(heterogeneity_curves, "consensus_distance"), log=True)
-        axes[1].set_ylabel("consensus distance Ξ")
-        axes[1].set_title(f"DSGD, {note_heterogeneity}", fontsize=8)
-        band_panel(axes[2], results.curves_over_seeds(driven[NOISE], "consensus_distance"), log=True)
-        axes[2].set_ylabel("consensus distance Ξ")
-        axes[2].set_title(f"DSGD, {note_noise}, {homogeneous}", fontsize=8)
+        band_panel(
+            axes[0],
+            results.curves_over_seeds(heterogeneity_curves, "global_loss"),
+            log=False,
+            ylabel="global loss f(θ̄)",
+            legend=True,
+            title=f"DSGD, {note_heterogeneity}",
+        )
+        band_panel(
+            axes[1],
+            results.curves_over_seeds(heterogeneity_curves, "consensus_distance"),
+            log=True,
+            ylabel="consensus distance Ξ",
+            title=f"DSGD, {note_heterogeneity}",
+        )
+        band_panel(
+            axes[2],
+            results.curves_over_seeds(driven[NOISE], "consensus_distance"),
+            log=True,
+            ylabel="consensus distance Ξ",
+            title=f"DSGD, {note_noise}, {homogeneous}",
+        )
 
     def draw_fit(fig, axes):
         gap_h, final = consensus.spectral_gap[HETEROGENEITY], consensus.final[HETEROGENEITY]

@@ -77,10 +77,14 @@ def analyse(results: Results) -> Findings:
     )
 
     def draw(fig, axes):
-        band_panel(axes[0], results.curves_over_seeds(groups, results.metric), log=True)
-        axes[0].set_ylabel(results.metric_label)
-        axes[0].legend(fontsize=7)
-        axes[0].set_title(f"B4 · FedAvg with staleness · {note} · {results.seeds_note()}", fontsize=8)
+        band_panel(
+            axes[0],
+            results.curves_over_seeds(groups, results.metric),
+            log=True,
+            ylabel=results.metric_label,
+            legend=True,
+            title=f"B4 · FedAvg with staleness · {note} · {results.seeds_note()}",
+        )
         scatter_fit(axes[1], x, excess, fit, "floor(q) − floor(0)", "q_max", "excess floor")
 
     figure = render_figure(

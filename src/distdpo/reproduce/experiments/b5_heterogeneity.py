@@ -174,9 +174,13 @@ def analyse_heterogeneity(results: Results, findings: Findings) -> None:
         axes[0].legend(fontsize=7)
         axes[0].set_title(f"B5 · heterogeneity sweep · {note} · {seeds}", fontsize=8)
         at_top = {name: [run for run in runs if run.x == top] for name, runs in groups.items()}
-        band_panel(axes[1], results.curves_over_seeds(at_top, results.metric), log=True)
-        axes[1].set_ylabel(results.metric_label)
-        axes[1].set_title(f"runs at ζ-scale {top:g}", fontsize=8)
+        band_panel(
+            axes[1],
+            results.curves_over_seeds(at_top, results.metric),
+            log=True,
+            ylabel=results.metric_label,
+            title=f"runs at ζ-scale {top:g}",
+        )
 
     figure = render_figure(
         "b5_heterogeneity",
