@@ -20,19 +20,28 @@ def setup(cfg):
     return task, weights, build.build_algorithm(cfg, task, comm, topo, weights)
 
 
-def numpy_gradient_descent(task, lr, steps):
-    """Centralized GD on the pooled log-linear DPO loss, written independently in numpy."""
+def numpy_pooled_gradient(task):
+    """θ ↦ ∇ of the pooled log-linear DPO loss (every pair weighted alike), written independently in numpy."""
     d = task.data
     n, N = d.chosen.shape
     rows, cols = np.arange(n)[:, None], np.arange(N)[None, :]
     feats = d.features.numpy()
     z = (feats[rows, cols, d.chosen.numpy()] - feats[rows, cols, d.rejected.numpy()]).reshape(-1, feats.shape[-1])
     beta, ref = task.beta, d.theta_ref.numpy()
-    theta, out = ref.copy(), []
-    for _ in range(steps):
+
+    def gradient(theta):
         h = z @ (theta - ref)
-        grad = -(beta / (1 + np.exp(beta * h)))[:, None] * z  # d/dθ softplus(−βh)
-        theta = theta - lr * grad.mean(0)
+        return (-(beta / (1 + np.exp(beta * h)))[:, None] * z).mean(0)  # d/dθ softplus(−βh)
+
+    return gradient
+
+
+def numpy_gradient_descent(task, lr, steps):
+    """Centralized GD on the pooled log-linear DPO loss, written independently in numpy."""
+    gradient = numpy_pooled_gradient(task)
+    theta, out = task.data.theta_ref.numpy().copy(), []
+    for _ in range(steps):
+        theta = theta - lr * gradient(theta)
         out.append(theta.copy())
     return out
 

@@ -111,7 +111,16 @@ def test_engine_specific_keys_are_marked_with_their_engine():
     marked = {key: f.metadata["engine"] for key, f in C.KEYS.items() if f.metadata["engine"]}
     assert marked == {
         **dict.fromkeys(
-            ["engine.dp_clip", "engine.dp_noise", "engine.dp_side", "engine.flower_cpus", "engine.flower_timeout"],
+            [
+                "engine.dp_clip",
+                "engine.dp_noise",
+                "engine.dp_side",
+                "engine.dp_delta",
+                "engine.flower_cpus",
+                "engine.flower_timeout",
+                "engine.min_clients",
+                "engine.secure_aggregation",
+            ],
             "flower",
         ),
         "engine.backend": "torchdist",

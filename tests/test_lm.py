@@ -127,7 +127,7 @@ def test_ipo_on_sequences_uses_per_token_mean_log_probs(lm):
             per_pair.append((h - 1 / (2 * beta)) ** 2)
         assert loss[node].item() == pytest.approx(float(torch.stack(per_pair).mean()), rel=1e-4)
     # the held-out implicit rewards use the same per-token log-ratios
-    m = task.held_out_metrics(theta)
+    m = task.evaluate(theta, torch.tensor([0.5, 0.5], dtype=torch.float64))
     rewards = []
     for i in held[0].tolist() + held[1].tolist():
         rewards.append(

@@ -70,8 +70,10 @@ def tiny_pairs():
     return tok, tokenize_pairs(tok, P, C, R, max_length=48)
 
 
-def _policy_with_config(tok, **changes):
+def _policy_with_config(tok, nudge: float = 0.0, **changes):
     model = build_model("builtin:gpt2-tiny", len(tok), seed=0)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += nudge  # one weight moved a little (the fingerprint is taken at build)
     if changes:
         config = model.config.__class__.from_dict({**model.config.to_dict(), **changes})
         other = model.__class__(config)
@@ -95,9 +97,9 @@ def test_reference_cache_is_keyed_by_weights_and_config(tiny_pairs, tmp_path, mo
         other = task(_policy_with_config(tok, **change))
         assert other.policy.fingerprint() != first.policy.fingerprint()
         assert other.precompute_reference().startswith("computed")
-        m = other.held_out_metrics(other.initial_params())  # at the start the policy is its own reference
+        m = other.evaluate(
+            other.initial_params(), torch.full((other.num_clients,), 1 / other.num_clients)
+        )  # at the start the policy is its own reference
         assert m["logratio_chosen"] == pytest.approx(0.0, abs=1e-5)
-    weights_changed = _policy_with_config(tok)
-    with torch.no_grad():
-        next(weights_changed.model.get_base_model().parameters())[0, 0] += 1e-3  # one weight moved a little
+    weights_changed = _policy_with_config(tok, nudge=1e-3)
     assert weights_changed.fingerprint() != first.policy.fingerprint()

@@ -7,8 +7,10 @@ import json
 import torch
 
 from distdpo.algorithms.centralized import Centralized
+from distdpo.algorithms.compression import Compressor, Uplink, resolve_feedback
 from distdpo.algorithms.decentralized import Decentralized
 from distdpo.algorithms.federated import Federated
+from distdpo.algorithms.gossip import CompressedGossip
 from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
 from distdpo.config import ALGORITHM_SPECS, DECENTRALIZED, Config, ConfigError, resolve_server_optimizer
 from distdpo.data.synthetic import make_synthetic
@@ -41,9 +43,12 @@ def task_key(cfg: Config) -> tuple:
 
 
 def build_task(cfg: Config):
-    """The workload of ``cfg``: the synthetic feature model, or a language model on text pairs."""
+    """The workload of ``cfg``: the synthetic feature model, the log-linear policy on text features, or a language
+    model on text pairs."""
     if cfg.policy.kind == "causal_lm":
         return build_text_task(cfg)
+    if cfg.data.source != "synthetic":
+        return build_text_feature_task(cfg)
     d, p = cfg.data, cfg.policy
     data = make_synthetic(
         num_clients=d.num_clients,
@@ -63,6 +68,12 @@ def build_task(cfg: Config):
     else:
         policy = MLPPolicy(d.dim, p.hidden_size)
         reference = policy.init_params(torch.Generator().manual_seed(cfg.seed + 3))
+    return feature_task(cfg, data, policy, reference)
+
+
+def feature_task(cfg: Config, data, policy, reference: torch.Tensor) -> FeatureTask:
+    """DPO of ``policy`` on featurized pairs, with ``cfg``'s loss, dtype and device."""
+    p = cfg.policy
     return FeatureTask(
         data,
         policy,
@@ -93,6 +104,12 @@ def client_weights(cfg: Config, sizes: torch.Tensor) -> torch.Tensor:
 def num_clients_known(cfg: Config) -> bool:
     """False when the client count comes from the data (one client per value of a column)."""
     return cfg.data.source == "synthetic" or cfg.data.partition != "natural"
+
+
+def data_stays_at_sites(cfg: Config) -> bool:
+    """Per-site data on an engine where each process reads only its own sites' files: nothing may build the whole
+    task (the simulator, one process, reads every site's files and says so)."""
+    return cfg.data.source == "local" and cfg.engine.name != "simulation"
 
 
 def build_topology(cfg: Config, num_nodes: int | None = None) -> Topology | None:
@@ -127,6 +144,15 @@ def warnings_for(cfg: Config, task) -> list[str]:
         out.append(
             f"topology.* keys are set, but algorithm.name = {a.name!r} has no communication graph: they are ignored"
         )
+    if cfg.engine.save_node_models and (a.name not in DECENTRALIZED or cfg.policy.kind != "causal_lm"):
+        out.append(
+            "engine.save_node_models is set, but only a decentralized causal-LM run has node models to export: "
+            "it is ignored"
+        )
+    if a.compression != "none" and a.name == "centralized":
+        out.append("algorithm.compression is set, but a centralized run communicates nothing: it is ignored")
+    if a.keep_client_optimizer_state and (a.optimizer == "sgd" or a.name == "centralized"):
+        out.append("algorithm.keep_client_optimizer_state is set, but no client optimizer state restarts: no effect")
     bs = batch_size(cfg)
     names = task.client_names
     small = [name for name, size in zip(names, task.client_sizes.tolist()) if bs is not None and bs > size]
@@ -164,8 +190,27 @@ def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights:
     }
     if spec.family == "centralized":
         return Centralized(task, weights=weights, **common)
+    common["keep_optimizer_state"] = a.keep_client_optimizer_state
+    feedback = resolve_feedback(a.compression, a.error_feedback)
+    memory = feedback != "none" or spec.choco  # error feedback, or CHOCO's public copies: Q must be contractive
+    compressor = Compressor(a.compression, task.num_params, torch_dtype(cfg), contractive=memory)
     if spec.family == "decentralized":
-        return Decentralized(task, comm, topology, tracking=spec.tracking, gossip=a.gossip, **common)
+        gossip = None
+        if spec.choco or a.compression != "none":
+            if topology.time_varying:
+                raise ConfigError(
+                    f"algorithm.compression = {a.compression!r} / algorithm.name = {a.name!r}: compressed gossip keeps "
+                    "public copies of the neighbours' rows and needs a fixed graph, not a time-varying one"
+                )
+            theta0 = task.initial_params().to(torch_dtype(cfg))
+            gamma = a.consensus_lr if spec.choco else None
+            gossip = CompressedGossip(
+                comm, topology, compressor, theta0, memory=memory, consensus_lr=gamma, seed=cfg.seed
+            )
+        return Decentralized(task, comm, topology, tracking=spec.tracking, gossip=a.gossip, compressed=gossip, **common)
+    uplink = None
+    if a.compression != "none":
+        uplink = Uplink(compressor, feedback, comm, seed=cfg.seed, device=device(cfg))
     server = ServerOptimizer(resolve_server_optimizer(a), a.server_lr, a.server_momentum, a.server_beta2, a.server_tau)
     return Federated(
         task,
@@ -176,27 +221,27 @@ def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights:
         staleness=a.staleness,
         prox_mu=a.mu if spec.prox else 0.0,
         scaffold=spec.scaffold,
+        uplink=uplink,
         **common,
     )
 
 
-def build_text_task(cfg: Config):
-    """Load text pairs, split them across clients, tokenize, and wrap a causal LM policy around them."""
+def build_text_task(cfg: Config, split=None, client_sizes: list[int] | None = None):
+    """Load text pairs, split them across clients, tokenize, and wrap a causal LM policy around them.
+
+    ``split``: the pairs this process holds (default: :func:`text_split`, every client's); ``client_sizes``: every
+    client's training-pair count when ``split`` holds only some clients (per-site data on torch.distributed ranks).
+    """
     import numpy as np
 
-    from distdpo.data.split import split_text_data
     from distdpo.lm.logprobs import tokenize_pairs
     from distdpo.lm.policy import CausalLMPolicy, load_model_and_tokenizer
+    from distdpo.lm.pretrained import load_reference
     from distdpo.tasks.text import TextTask
 
     p = cfg.policy
-    split = split_text_data(cfg)
+    split = split or text_split(cfg)
     data, train, held_out = split.data, split.train, split.eval
-    if cfg.algorithm.clients_per_round > len(train):
-        raise ConfigError(
-            f"algorithm.clients_per_round = {cfg.algorithm.clients_per_round} exceeds the {len(train)} clients "
-            "of this split"
-        )
     train_ids = np.concatenate(train)
     texts = [t for i in train_ids for t in (data.prompt[i], data.chosen[i], data.rejected[i])]
     model, tokenizer = load_model_and_tokenizer(
@@ -212,6 +257,7 @@ def build_text_task(cfg: Config):
         target_modules=p.lora_target_modules or None,
         device=device(cfg),
         seed=cfg.seed,
+        reference=load_reference(p.reference_model, tokenizer) if p.reference_model else None,
     )
     task = TextTask(
         policy,
@@ -223,9 +269,51 @@ def build_text_task(cfg: Config):
         loss_type=p.loss_type,
         label_smoothing=p.label_smoothing,
         loss_pairs_per_client=cfg.data.loss_pairs_per_client,
+        client_sizes=client_sizes,
     )
     # The loader's counts keep their names ("pairs" = pairs loaded); tokenization's are prefixed.
     task.data_stats = {**split.stats, **{f"tokenized_{k}" if k == "pairs" else k: v for k, v in pairs.stats.items()}}
     if p.precompute_reference:
         task.data_stats["reference_logps"] = task.precompute_reference()
+    return task
+
+
+def text_split(cfg: Config):
+    """The config's text pairs split over clients (:func:`distdpo.data.split.split_text_data`), checked against
+    ``algorithm.clients_per_round``."""
+    from distdpo.data.sites import local_split
+    from distdpo.data.split import split_text_data
+
+    split = local_split(cfg) if cfg.data.source == "local" else split_text_data(cfg)
+    if cfg.algorithm.clients_per_round > len(split.train):
+        raise ConfigError(
+            f"algorithm.clients_per_round = {cfg.algorithm.clients_per_round} exceeds the {len(split.train)} clients "
+            "of this split"
+        )
+    return split
+
+
+def build_text_feature_task(cfg: Config) -> FeatureTask:
+    """Text pairs split over clients as :func:`build_text_task` splits them, featurized for the log-linear policy
+    (statistics from the training pairs only), with the reference uniform over each pair."""
+    import numpy as np
+
+    from distdpo.data.text_features import pair_features, text_feature_data
+
+    p = cfg.policy
+    split = text_split(cfg)
+    kind = "hashed" if p.features == "auto" else p.features
+    lm = {"model": p.model, "max_length": p.max_length, "vocab_size": p.tokenizer_vocab_size, "seed": cfg.seed}
+    phi_w, phi_l = pair_features(
+        kind,
+        split.data.prompt,
+        split.data.chosen,
+        split.data.rejected,
+        np.concatenate(split.train),
+        p.feature_dim,
+        **(lm if kind == "lm" else {}),
+    )
+    data = text_feature_data(phi_w, phi_l, split.train, split.eval)
+    task = feature_task(cfg, data, LogLinearPolicy(p.feature_dim), data.theta_ref)
+    task.client_names, task.data_stats = list(split.names), dict(split.stats)
     return task

@@ -30,7 +30,14 @@ from distdpo.fingerprint import mismatch
 from distdpo.io import file_name, write_bytes_atomic, write_json_atomic
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
-FREE_KEYS = (("algorithm", "rounds"), ("engine", "progress"), ("engine", "checkpoint_every"), ("engine", "timeout_s"))
+FREE_KEYS = (
+    ("algorithm", "rounds"),
+    ("engine", "progress"),
+    ("engine", "checkpoint_every"),
+    ("engine", "timeout_s"),
+    ("engine", "export_every_checkpoint"),
+    ("engine", "save_node_models"),
+)
 
 
 class Sync(Protocol):

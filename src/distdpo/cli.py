@@ -1,4 +1,5 @@
-"""``distdpo`` command line: ``run`` an experiment config, describe a ``graph``, ``reproduce`` the paper's claims."""
+"""``distdpo`` command line: ``run`` an experiment config, ``eval`` a model on preference pairs, describe a
+``graph``, ``reproduce`` the paper's claims."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     summary = json.loads((run_dir / "summary.json").read_text())
     print(format_summary(summary))
-    print(f"\nrun directory: {run_dir}  (config.toml, metrics.csv, summary.json, *.png)")
+    models = ", models/<run>/" if (run_dir / "models").is_dir() else ""
+    print(f"\nrun directory: {run_dir}  (config.toml, metrics.csv, summary.json, *.png{models})")
     bad = {label: s for label, s in summary["runs"].items() if s.get("status", "ok") != "ok"}
     if bad:
         print(f"error: {len(bad)} of {len(summary['runs'])} run(s) did not finish well:", file=sys.stderr)
@@ -56,6 +58,58 @@ def _cmd_split(args: argparse.Namespace) -> int:
         "held-out pairs are grouped by prompt across all clients"
     )
     print(f"split directory: {out}  (<client>/train.jsonl, <client>/eval.jsonl, manifest.json)")
+    return 0
+
+
+def _cmd_init_model(args: argparse.Namespace) -> int:
+    from distdpo.config import ConfigError
+    from distdpo.data.text import DataFormatError
+    from distdpo.lm.builtin import BUILTIN, init_model, tokenizer_texts
+
+    if args.model.removeprefix("builtin:") not in BUILTIN or not args.model.startswith("builtin:"):
+        raise ConfigError(
+            f"{args.model!r} is not a built-in model; expected one of {', '.join('builtin:' + k for k in BUILTIN)}"
+        )
+    try:
+        texts = tokenizer_texts(args.tokenizer_text)
+    except FileNotFoundError:
+        raise ConfigError(f"--tokenizer-text {args.tokenizer_text} does not exist") from None
+    except (DataFormatError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"--tokenizer-text {args.tokenizer_text}: {e}") from None
+    if not texts:
+        raise ConfigError(f"--tokenizer-text {args.tokenizer_text} holds no text to train a tokenizer on")
+    try:
+        out = init_model(args.model, texts, args.out, vocab_size=args.vocab_size, seed=args.seed)
+    except FileExistsError as e:
+        raise ConfigError(str(e)) from None
+    print(f"{args.model} (seed {args.seed}, tokenizer trained on {len(texts)} texts) written to {out}")
+    print(f'every site sets policy.model = "{Path(out).resolve()}"')
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from distdpo.build import device
+    from distdpo.config import ConfigError, from_dict
+    from distdpo.lm.scoring import evaluate, format_summary, write_scores
+
+    if args.beta is not None and args.beta <= 0:
+        raise ConfigError(f"--beta must be positive, got {args.beta}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    records, summary = evaluate(
+        args.model,
+        args.data,
+        adapter=args.adapter,
+        format=args.format,
+        max_length=args.max_length,
+        beta=args.beta,
+        batch_size=args.batch_size,
+        device=device(from_dict({"engine": {"device": args.device}})),
+    )
+    print(format_summary(summary))
+    if args.out:
+        beside = write_scores(args.out, records, summary)
+        print(f"\nscores: {args.out}  (one JSON line a pair), summary: {beside}")
     return 0
 
 
@@ -124,6 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     split.set_defaults(func=_cmd_split)
 
+    from distdpo.data.text import FORMATS
+
+    ev = sub.add_parser("eval", help="score a model (and adapter) on preference pairs: log-probs and accuracy")
+    ev.add_argument("--model", required=True, help="a model directory, hub id, PEFT adapter or distdpo export")
+    ev.add_argument("--adapter", help="a PEFT adapter directory (or hub id) to apply to --model")
+    ev.add_argument("--data", required=True, help="a preference file (.jsonl, .json, .parquet, .csv) or dataset id")
+    ev.add_argument("--format", default="auto", choices=FORMATS, help="the data format (default: detected)")
+    ev.add_argument("--max-length", type=int, help="tokens of prompt + completion (default: the export's, or 256)")
+    ev.add_argument("--beta", type=float, help="β of the implicit reward (default: the export's, or 1.0)")
+    ev.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass")
+    ev.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where the model runs")
+    ev.add_argument("--out", help="write one JSON line a pair here, and the summary to <name>.summary.json beside")
+    ev.set_defaults(func=_cmd_eval)
+
+    init = sub.add_parser("init-model", help="create a built-in model once, for sites that share no data")
+    init.add_argument("model", help="builtin:gpt2-tiny or builtin:llama-tiny")
+    init.add_argument(
+        "--tokenizer-text", required=True, help="text to train the tokenizer on: a preference file or a .txt file"
+    )
+    init.add_argument("--out", required=True, help="a new directory for the model and its tokenizer")
+    init.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
+    init.set_defaults(func=_cmd_init_model)
+
     graph = sub.add_parser("graph", help="describe a communication graph: edges, λ2, spectral gap")
     graph.add_argument("graph", help="graph name (ring, torus, …) or an edge-list file with one 'u v' pair a line")
     graph.add_argument("--nodes", "-n", type=int, help="number of nodes (required for a graph name)")
@@ -138,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "reproduce", help="run the paper's experiments and write a report holding its claims against the data"
     )
-    rep.add_argument("--dataset", default="synthetic", help="synthetic (default), hh-rlhf or pandalm")
+    rep.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="synthetic (default); hh-rlhf-features or pandalm-features (log-linear on text features); hh-rlhf or "
+        "pandalm (small causal LM)",
+    )
     rep.add_argument(
         "--seeds",
         type=int,
@@ -164,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     watch_launcher()  # a torchrun worker: end with the launcher, never train on as an orphan
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("run", "split", "graph", "reproduce", "launch") and Path(argv[0]).is_file():
+    if argv and argv[0] not in ("run", "split", "eval", "graph", "reproduce", "launch") and Path(argv[0]).is_file():
         argv.insert(0, "run")  # `python -m distdpo CONFIG …` (what torchrun starts) means `distdpo run CONFIG …`
     args = build_parser().parse_args(argv)
     try:

@@ -42,6 +42,7 @@ class AlgorithmSpec:
     prox: bool = False  # FedProx's proximal term (algorithm.mu)
     scaffold: bool = False  # SCAFFOLD's control variates
     tracking: bool = False  # gradient tracking's tracker
+    choco: bool = False  # CHOCO-SGD: compressed differences to public copies and a consensus step
 
     @property
     def sgd_only(self) -> bool:
@@ -50,7 +51,8 @@ class AlgorithmSpec:
 
 
 FAMILIES = ("centralized", "federated", "decentralized")
-SERVER_OPTIMIZERS = ("sgd", "avgm", "adagrad", "adam", "yogi")  # = distdpo.algorithms.optim.SERVER_OPTIMIZERS
+# = distdpo.algorithms.optim.SERVER_OPTIMIZERS
+SERVER_OPTIMIZERS = ("sgd", "avgm", "nesterov", "adagrad", "adam", "yogi")
 ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
     "centralized": AlgorithmSpec("centralized"),
     "fedavg": AlgorithmSpec("federated"),
@@ -62,6 +64,7 @@ ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
     "fedadagrad": AlgorithmSpec("federated", server_optimizer="adagrad"),
     "dsgd": AlgorithmSpec("decentralized"),
     "gradient_tracking": AlgorithmSpec("decentralized", tracking=True),
+    "choco": AlgorithmSpec("decentralized", choco=True),
 }
 ALGORITHMS = tuple(ALGORITHM_SPECS)
 FEDERATED = tuple(name for name, spec in ALGORITHM_SPECS.items() if spec.family == "federated")
@@ -78,6 +81,8 @@ def resolve_server_optimizer(a: AlgorithmConfig) -> str:
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # distdpo.losses imports it from here
 CLIENT_OPTIMIZERS = ("sgd", "adamw")  # = distdpo.algorithms.optim.CLIENT_OPTIMIZERS
 MIXING_WEIGHTS = ("metropolis", "max_degree", "lazy_metropolis", "lazy_max_degree")  # = distdpo.topology.WEIGHTS
+TEXT_FEATURES = ("hashed", "lm")  # = distdpo.data.text_features.FEATURE_KINDS
+COMPRESSORS = ("none", "topk", "randk", "int8", "qsgd")  # the forms distdpo.algorithms.compression encodes
 
 
 def option(
@@ -114,7 +119,13 @@ def option(
 
 @dataclass
 class DataConfig:
-    source: str = option("synthetic", '"synthetic" (the personalized preference model), a file path or a hub id')
+    source: str = option(
+        "synthetic", '"synthetic" (the personalized preference model), a file, a hub id, or "local" (per-site files)'
+    )
+    # data.source = "local": each site reads its own files (see distdpo.data.sites).
+    site_data: str = option("", "a `distdpo split` directory, or a path template with {client}")
+    site_eval: str = option("", "held-out files, a template with {client} ('' = eval.jsonl beside, else split off)")
+    clients: list = option([], "the site names a {client} template is filled with")  # noqa: RUF009
     num_clients: int = option(16, "n users", gt=0)
     pairs_per_client: int = option(200, "mean training pairs per user", gt=0)
     eval_pairs_per_client: int = option(200, "held-out pairs per user", gt=0)
@@ -146,8 +157,18 @@ class PolicyConfig:
     loss_type: str = option("sigmoid", "DPO-family loss", choices=LOSS_TYPES)
     label_smoothing: float = option(0.0, "cDPO ε (sigmoid) / robust-DPO noise rate", ge=0, lt=0.5)
     hidden_size: int = option(32, "MLP width", gt=0)
+    # The log-linear policy on text preference data.
+    features: str = option(
+        "auto",
+        "text pairs' φ(x, y): hashed n-grams or a frozen LM's states; auto = hashed",
+        choices=("auto", *TEXT_FEATURES),
+    )
+    feature_dim: int = option(256, "dimension of the text features", gt=0)
     # Causal language models.
-    model: str = option("builtin:gpt2-tiny", "builtin:gpt2-tiny | builtin:llama-tiny | local path | hub id")
+    model: str = option(
+        "builtin:gpt2-tiny", "builtin:gpt2-tiny | builtin:llama-tiny | local path | hub id | distdpo export directory"
+    )
+    reference_model: str = option("", "the reference policy: local path, hub id or export ('' = the policy's base)")
     max_length: int = option(256, "tokens of prompt + completion", gt=0)
     lora_r: int = option(8, "LoRA rank (0 = full fine-tuning)", ge=0)
     lora_alpha: float = option(16.0, "LoRA scaling", gt=0)
@@ -184,6 +205,12 @@ class AlgorithmConfig:
     server_beta2: float = option(0.99, "server optimizer β2", ge=0, lt=1)
     server_tau: float = option(1e-3, "server optimizer τ (adaptivity)", ge=0)
     gossip: str = option("atc", "DSGD order: adapt-then-combine or combine-then-adapt", choices=("atc", "cta"))
+    compression: str = option("none", 'uploads and gossip: "none", "topk:<f>", "randk:<f>", "int8", "qsgd:<levels>"')
+    error_feedback: str = option(
+        "auto", "sender's error feedback; auto = ef21 for topk and int8", choices=("auto", "none", "ef", "ef21")
+    )
+    consensus_lr: float = option(0.2, "CHOCO's consensus step size γ (at most 1)", gt=0)
+    keep_client_optimizer_state: bool = option(False, "each client's optimizer state persists across rounds")
 
 
 @dataclass
@@ -205,12 +232,20 @@ class EngineConfig:
     # Every engine: checkpoints.
     checkpoint_every: int = option(0, "save the run's state every N rounds (0 = never)", ge=0)
     checkpoint_dir: str = option("", "checkpoints go to <checkpoint_dir>/<run label>/; an existing one is resumed")
+    # Every engine: the exported model of a causal-LM run (models/<run label>/ in the run directory).
+    export_every_checkpoint: bool = option(False, "also export the model at every checkpoint, not only at the end")
+    save_node_models: bool = option(False, "decentralized runs: also export every node's own model")
     # Engine "flower".
     dp_clip: float = option(0.0, "Flower's DP fixed clipping of client updates (0 = off)", ge=0, engine="flower")
     dp_noise: float = option(0.0, "Gaussian noise multiplier of that DP wrapper", ge=0, engine="flower")
     dp_side: str = option("server", "where the DP clipping happens", choices=("server", "client"), engine="flower")
     flower_cpus: int = option(0, "CPUs Ray may use in Flower's simulation (0 = all)", ge=0, engine="flower")
     flower_timeout: float = option(600.0, "seconds to wait for SuperNodes and their replies", gt=0, engine="flower")
+    min_clients: int = option(
+        0, "a round goes on when this many of its sampled clients reply (0 = all)", ge=0, engine="flower"
+    )
+    secure_aggregation: bool = option(False, "sum client updates with Flower's SecAgg+ protocol", engine="flower")
+    dp_delta: float = option(1e-5, "δ of the (ε, δ) privacy spent that DP runs report", gt=0, lt=1, engine="flower")
     # Engine "torchdist" (torch.distributed ranks, launched with torchrun / distdpo launch).
     backend: str = option(
         "auto",
@@ -431,6 +466,10 @@ def validate(cfg: Config) -> None:
             f"algorithm.name = {a.name!r}, algorithm.staleness = {a.staleness} (Flower's strategies apply the returned "
             "models to the current global model; use the simulator for decentralized or stale runs)"
         )
+    if cfg.engine.export_every_checkpoint and not cfg.engine.checkpoint_every:
+        raise ConfigError("engine.export_every_checkpoint needs engine.checkpoint_every > 0 (when to export)")
+    if cfg.engine.name == "flower":
+        _check_flower(cfg)
     if cfg.engine.checkpoint_every and not cfg.engine.checkpoint_dir:
         raise ConfigError("engine.checkpoint_every > 0 needs engine.checkpoint_dir (where checkpoints are written)")
     if a.staleness and spec.family != "federated":
@@ -446,17 +485,106 @@ def validate(cfg: Config) -> None:
             "adapt-then-combine step (leave algorithm.gossip = 'atc')"
         )
     text = d.source != "synthetic"
-    if text != (cfg.policy.kind == "causal_lm"):
-        raise ConfigError(
-            f"policy.kind = {cfg.policy.kind!r} does not fit data.source = {d.source!r}: text preference data needs "
-            "policy.kind = 'causal_lm', and the synthetic model needs 'loglinear' or 'mlp'"
-        )
-    if text and cfg.policy.max_length < 8:
+    _check_policy_fits_data(cfg.policy, d.source)
+    if cfg.policy.kind == "causal_lm" and cfg.policy.max_length < 8:
         raise ConfigError(
             f"policy.max_length = {cfg.policy.max_length} cannot hold a prompt token and a completion: "
             "use at least 8 (tokens of prompt + completion)"
+        )
+    if d.source == "local" and cfg.policy.kind != "causal_lm":
+        raise ConfigError('data.source = "local" (per-site files) trains policy.kind = "causal_lm"')
+    if d.source == "local" and cfg.policy.model.startswith("builtin:"):
+        raise ConfigError(
+            f'data.source = "local": no process holds the text that policy.model = {cfg.policy.model!r} would train '
+            "its tokenizer on; create the model once with `distdpo init-model "
+            f'{cfg.policy.model} --tokenizer-text FILE --out DIR` and set policy.model = "DIR"'
         )
     if d.partition in ("dirichlet", "natural") and text and not d.label_column:
         raise ConfigError(f"data.partition = {d.partition!r} needs data.label_column (the column to split by)")
     if cfg.topology.er_p > 1:
         raise ConfigError(f"topology.er_p must be a probability, got {cfg.topology.er_p}")
+    _check_compression(cfg)
+
+
+def _check_compression(cfg: Config) -> None:
+    """algorithm.compression's form, and the algorithms and engines that send compressed messages."""
+    a = cfg.algorithm
+    name, colon, arg = a.compression.partition(":")
+    if name not in COMPRESSORS or bool(colon) != (name in ("topk", "randk", "qsgd")):
+        raise ConfigError(
+            'algorithm.compression must be "none", "topk:<fraction>", "randk:<fraction>", "int8" or '
+            f'"qsgd:<levels>", got {a.compression!r}'
+        )
+    if name in ("topk", "randk") and not 0 < _number(arg) <= 1:
+        raise ConfigError(f"algorithm.compression = {a.compression!r}: the fraction sent must be in (0, 1]")
+    if name == "qsgd" and not (arg.isdigit() and 1 <= int(arg) <= 127):
+        raise ConfigError(f"algorithm.compression = {a.compression!r}: the levels must be an integer from 1 to 127")
+    if a.consensus_lr > 1:
+        raise ConfigError(f"algorithm.consensus_lr (CHOCO's γ) must be at most 1, got {a.consensus_lr}")
+    spec = ALGORITHM_SPECS[a.name]
+    if spec.choco and (a.error_feedback == "none" or a.gossip != "atc"):
+        raise ConfigError(
+            "algorithm.name = 'choco' gossips compressed differences to public copies (its error feedback) after "
+            "the local steps: leave algorithm.error_feedback and algorithm.gossip at their defaults"
+        )
+    if name != "none" and (spec.scaffold or spec.tracking):
+        raise ConfigError(
+            f"algorithm.compression = {a.compression!r}: {a.name} needs its messages exact (its control variates or "
+            "tracker follow from them); compress fedavg-family, dsgd or choco runs"
+        )
+    if cfg.engine.name == "flower":
+        flower_lacks = {"compression": name != "none", "keep_client_optimizer_state": a.keep_client_optimizer_state}
+        flower_lacks["server_optimizer"] = a.server_optimizer == "nesterov"
+        for key in (k for k, lacks in flower_lacks.items() if lacks):
+            raise ConfigError(f"engine.name = 'flower' does not run algorithm.{key} = {getattr(a, key)!r}")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _check_flower(cfg: Config) -> None:
+    """engine.min_clients within the round's sample; SecAgg+ where it can sum what the strategy needs (the
+    number of clients of a text data set is known once it is read: the Flower server checks again)."""
+    a, e = cfg.algorithm, cfg.engine
+    if a.clients_per_round and e.min_clients > a.clients_per_round:
+        raise ConfigError(
+            f"engine.min_clients = {e.min_clients} exceeds algorithm.clients_per_round = {a.clients_per_round}"
+        )
+    if not e.secure_aggregation:
+        return
+    if ALGORITHM_SPECS[a.name].scaffold:
+        raise ConfigError(
+            "engine.secure_aggregation: SCAFFOLD's server needs each client's model to update its c_i, which "
+            "SecAgg+ hides (use a FedAvg-family algorithm)"
+        )
+    if e.dp_clip > 0 and e.dp_side == "server":
+        raise ConfigError(
+            "engine.secure_aggregation with engine.dp_side = 'server': the server cannot clip updates it never "
+            "sees (use engine.dp_side = 'client')"
+        )
+    if a.clients_per_round == 1 or e.min_clients == 1:
+        raise ConfigError(
+            "engine.secure_aggregation masks each update with others': it needs algorithm.clients_per_round and "
+            "engine.min_clients other than 1"
+        )
+
+
+def _check_policy_fits_data(p: PolicyConfig, source: str) -> None:
+    """Text data: a causal LM, or the log-linear policy on text features; the synthetic model: its own features."""
+    text = source != "synthetic"
+    if (p.kind == "mlp" and text) or (p.kind == "causal_lm" and not text):
+        raise ConfigError(
+            f"policy.kind = {p.kind!r} does not fit data.source = {source!r}: text preference data needs "
+            "policy.kind = 'causal_lm' or 'loglinear' (on text features), and the synthetic model needs 'loglinear' "
+            "or 'mlp'"
+        )
+    if p.features != "auto" and not (text and p.kind == "loglinear"):
+        why = "a causal LM reads the text itself" if p.kind == "causal_lm" else "the synthetic model has its own"
+        raise ConfigError(
+            f"policy.features = {p.features!r} applies to the log-linear policy on text data, not to policy.kind = "
+            f"{p.kind!r} with data.source = {source!r} (leave it 'auto': {why})"
+        )

@@ -21,7 +21,8 @@ import torch
 from distdpo import build, rundir
 from distdpo.config import Config, ConfigError, expand
 from distdpo.fingerprint import mismatch
-from distdpo.io import write_csv_atomic, write_json_atomic, write_text_atomic
+from distdpo.io import file_name, write_csv_atomic, write_json_atomic, write_text_atomic
+from distdpo.lm.export import exporting_to
 from distdpo.metrics import COLUMNS, RunDiverged
 from distdpo.solver import solve_centralized
 
@@ -38,6 +39,10 @@ def describe_data(cfg: Config) -> str:
     """What the numbers of a run directory come from, said plainly (synthetic or real, simulated or not)."""
     if cfg.data.source == "synthetic":
         data = "synthetic personalized Bradley–Terry preferences with known per-user rewards (not human data)"
+    elif cfg.data.source == "local":
+        data = f"human preference data in per-site files ({cfg.data.site_data or 'named by each SuperNode'})"
+        if cfg.engine.name == "simulation":
+            data += ", every site's files read by this one process (a simulation of per-site data)"
     else:
         data = f"human preference data from {cfg.data.source} (format {cfg.data.format}, split {cfg.data.partition})"
     return f"{data}; {ENGINE_NOTES.get(cfg.engine.name, cfg.engine.name)}"
@@ -136,11 +141,19 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
     summary, rows = torchdist.on_rank0(previous) if distributed else previous()
     cache = Cache()
     for run_cfg in runs.values():  # every sweep point is checked before the first one trains
+        if build.data_stays_at_sites(run_cfg):  # the sites' count, from the config: no process reads every site
+            from distdpo.data.sites import site_files
+
+            if run_cfg.engine.name != "flower":  # (Flower: federated, its SuperNodes name their sites)
+                build.build_topology(run_cfg, len(site_files(run_cfg)))
+            continue
         build.build_topology(run_cfg, cache.task(run_cfg).num_clients)  # (the task checks clients_per_round)
     if writer:
         write_text_atomic(out / "config.toml", config_text)
     said: set[str] = set()
     for label, run_cfg in runs.items():
+        if label in summary["runs"] and build.data_stays_at_sites(run_cfg):
+            continue  # finished; its checkpoint checked every site's data fingerprint when it resumed
         if label in summary["runs"]:
             changed = mismatch(
                 summary["runs"][label].get("fingerprint"), cache.fingerprint(run_cfg), f"run {label!r} in {out}"
@@ -149,7 +162,8 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
                 raise ConfigError(f"cannot resume: {changed}; rerun into a new --out")
             continue
         try:
-            run_rows, run_summary = run_one(run_cfg, label, cache, progress=progress)
+            with exporting_to(out / "models"):
+                run_rows, run_summary = run_one(run_cfg, label, cache, progress=progress)
         except (RuntimeError, FloatingPointError) as e:  # this run broke (a library error, memory): record it, go on
             if distributed:
                 raise  # the other ranks cannot know; torchdist reports failures itself
@@ -171,6 +185,8 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, resume: bool = False, pr
                 if note not in said and writer:
                     said.add(note)
                     log.warning(note)
+        if run_summary and (out / "models" / file_name(label)).is_dir():
+            run_summary["model_dir"] = f"models/{file_name(label)}"
         rows += run_rows
         summary["runs"][label] = run_summary
         if writer:

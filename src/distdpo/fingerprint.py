@@ -25,7 +25,8 @@ def digest(tensors: Iterable[torch.Tensor], *texts: str) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if t.numel():  # (an empty tensor may have stride 0, which cannot be viewed as bytes)
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     for s in texts:
         h.update(s.encode())
         h.update(b"\0")

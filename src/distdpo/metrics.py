@@ -13,6 +13,7 @@ import torch
 
 from distdpo import build
 from distdpo.config import Config
+from distdpo.personalization import personalization_gap
 from distdpo.topology import Topology
 
 COLUMNS = [
@@ -37,6 +38,7 @@ COLUMNS = [
     "logratio_chosen",
     "worst_client_loss",
     "bytes_communicated",
+    "clients_replied",
     "wall_time_s",
 ]
 
@@ -155,6 +157,9 @@ class Recorder:
             out["solver"] = self.optimum.describe()  # method, converged, certificate (and a note)
             if self.optimum.note:
                 out["f_star_note"] = self.optimum.note  # why there is no f★, or why it is approximate
+        gap = personalization_gap(self.task, final_theta)
+        if gap is not None:
+            out["personalization_gap"] = gap  # each client's own optimum vs the shared model, held out
         if self.task.data_stats:
             out["data_stats"] = self.task.data_stats  # dropped / skipped / truncated counts of text data
         if self.topology is not None:

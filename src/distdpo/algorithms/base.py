@@ -26,6 +26,18 @@ class Communicator(Protocol):
     def mix(self, values: torch.Tensor, round_index: int) -> torch.Tensor:
         """Gossip: rows of W_t @ X for the local rows (``values`` holds all local rows)."""
 
+    def neighbourhood(self, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nodes the local rows of W_t touch (global ids, ascending, the local ones included) and those rows of
+        W_t over them: what :meth:`exchange` returns is mixed with it."""
+
+    def exchange(self, values: torch.Tensor, round_index: int) -> torch.Tensor:
+        """Gossip's transport without the mixing: the rows of every node in :meth:`neighbourhood`, given the local
+        rows (any dtype: compressed payloads travel as bytes). ``mix`` is ``W_loc @ exchange(values)``."""
+
+    def gather_rows(self, values: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """Every engine part's rows of ``nodes`` (sorted global ids), in that order; ``values`` holds the rows of
+        the local ones. Compressed uploads travel so, since a sum of compressed payloads is not one."""
+
 
 class Algorithm(Protocol):
     """What every algorithm (federated, decentralized, centralized, and the Flower server) offers an engine."""
@@ -66,16 +78,18 @@ def local_steps(
     correction: torch.Tensor | None = None,
     prox_mu: float = 0.0,
     track_direction: bool = False,
+    state: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """K local steps for all given rows at once.
 
     ``correction`` is added to every stochastic gradient (SCAFFOLD's c − c_i,
     gradient tracking's correction); ``prox_mu`` adds FedProx's μ(θ − θ_start).
     Returns the new rows, each row's drift (1/K) Σ_k ‖θ_k − θ_start‖², and, if
-    asked, the mean update direction (1/K) Σ_k d_k.
+    asked, the mean update direction (1/K) Σ_k d_k. ``state``: the optimizer state to continue (updated in place;
+    default a fresh one).
     """
     start = X
-    state = optimizer.init_state(X)
+    state = optimizer.init_state(X) if state is None else state
     drift = torch.zeros(X.shape[0], dtype=torch.float64, device=X.device)
     direction = torch.zeros_like(X) if track_direction else None
     for _ in range(steps):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from distdpo.algorithms.base import Communicator, local_steps
+from distdpo.algorithms.compression import Uplink
 from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
 from distdpo.tasks.base import Task
 
@@ -21,10 +22,14 @@ def sample_clients(generator: torch.Generator, num_clients: int, clients_per_rou
     return torch.randperm(num_clients, generator=generator)[:clients_per_round].sort().values
 
 
-def federated_round_bytes(num_sampled: int, num_params: int, itemsize: int, scaffold: bool) -> int:
-    """Bytes one federated round sends: the model down and the update up per sampled client; SCAFFOLD adds one
-    vector down (c, or c − c_i) and none up, since c_i's change (θ − θ_i,K)/(Kη) − c follows from what came up."""
-    return (3 if scaffold else 2) * num_sampled * num_params * itemsize
+def federated_round_bytes(
+    num_sampled: int, num_params: int, itemsize: int, scaffold: bool, upload: int | None = None
+) -> int:
+    """Bytes one federated round sends: the model down and the update up (``upload`` bytes if compressed) per
+    sampled client; SCAFFOLD adds one vector down (c, or c − c_i) and none up, since c_i's change
+    (θ − θ_i,K)/(Kη) − c follows from what came up."""
+    dense = num_params * itemsize
+    return num_sampled * ((2 if scaffold else 1) * dense + (dense if upload is None else upload))
 
 
 def scaffold_controls(
@@ -41,7 +46,8 @@ class Federated:
     staleness q_max > 0, from the global model of a uniformly drawn q ≤ q_max
     rounds ago), runs K local steps, and sends Δ_i = θ_i,K − θ_i,0; the server
     averages the Δ_i (weights p_i ∝ |D_i| or uniform, renormalized over S) and
-    applies the average with its optimizer.
+    applies the average with its optimizer. With an ``uplink`` the Δ_i travel compressed (with the sender's
+    error feedback, :class:`~distdpo.algorithms.compression.Uplink`).
     """
 
     kind = "federated"
@@ -60,6 +66,8 @@ class Federated:
         staleness: int = 0,
         prox_mu: float = 0.0,
         scaffold: bool = False,
+        uplink: Uplink | None = None,
+        keep_optimizer_state: bool = False,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
     ):
@@ -76,6 +84,9 @@ class Federated:
             self.c = torch.zeros_like(self.theta)
             self.c_local = torch.zeros(len(comm.local_nodes), self.theta.numel(), dtype=dtype, device=self.theta.device)
         self.itemsize = self.theta.element_size()
+        self.uplink = uplink
+        local = self.theta.expand(len(comm.local_nodes), -1)
+        self.opt_state = optimizer.init_state(local, per_row=True) if keep_optimizer_state else None
 
     def global_params(self) -> torch.Tensor:
         return self.theta
@@ -91,6 +102,10 @@ class Federated:
         state.update({f"server.{k}": v for k, v in self.server.state.items()})
         if self.scaffold:
             state.update(c=self.c, c_local=self.c_local)
+        if self.uplink is not None:
+            state.update(self.uplink.state_dict())
+        if self.opt_state is not None:
+            state.update({f"opt.{k}": v for k, v in self.opt_state.items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -102,6 +117,10 @@ class Federated:
         self.server.state = {k[len("server.") :]: v.to(like) for k, v in state.items() if k.startswith("server.")}
         if self.scaffold:
             self.c, self.c_local = state["c"].to(like), state["c_local"].to(like)
+        if self.uplink is not None:
+            self.uplink.load_state_dict(state)
+        if self.opt_state is not None:
+            self.opt_state = {k: state[f"opt.{k}"].to(like) for k in self.opt_state}
 
     def run_round(self, round_index: int) -> dict[str, float]:
         sampled = sample_clients(self.sample_gen, self.comm.num_nodes, self.S)
@@ -120,6 +139,7 @@ class Federated:
                 else self.theta[None, :0]
             )
         correction = (self.c - self.c_local[rows]) if self.scaffold else None
+        opt_state = None if self.opt_state is None else {k: v[rows] for k, v in self.opt_state.items()}
         X, drift, _ = local_steps(
             self.task,
             start,
@@ -129,11 +149,17 @@ class Federated:
             lambda: self.task.sample_batch(self.data_gen, self.batch_size),
             correction=correction,
             prox_mu=self.prox_mu,
+            state=opt_state,
         )
+        if opt_state is not None:
+            for k, v in opt_state.items():
+                self.opt_state[k][rows] = v
         delta = X - start
         p = self.weights[sampled]
-        w = (p / p.sum())[is_local]
-        update = self.comm.aggregate(delta, w)
+        if self.uplink is None:
+            update = self.comm.aggregate(delta, (p / p.sum())[is_local])
+        else:  # every engine part receives every sampled client's payload and sums the decoded updates alike
+            update = (p / p.sum()).to(delta) @ self.uplink.send(delta, nodes, rows, sampled)
         n_s = len(sampled)
         stats = {"client_drift": float(self.comm.aggregate(drift[:, None], torch.full_like(drift, 1 / n_s))[0])}
         if self.scaffold:
@@ -144,5 +170,6 @@ class Federated:
             self.c = self.c + dc
         self.theta = self.server.step(self.theta, update)
         self.history = (self.history + [self.theta])[-(self.staleness + 1) :]
-        stats["bytes"] = federated_round_bytes(n_s, self.theta.numel(), self.itemsize, self.scaffold)
+        upload = None if self.uplink is None else self.uplink.q.nbytes
+        stats["bytes"] = federated_round_bytes(n_s, self.theta.numel(), self.itemsize, self.scaffold, upload)
         return stats

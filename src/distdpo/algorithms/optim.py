@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 CLIENT_OPTIMIZERS = ("sgd", "adamw")
-SERVER_OPTIMIZERS = ("sgd", "avgm", "adagrad", "adam", "yogi")
+SERVER_OPTIMIZERS = ("sgd", "avgm", "nesterov", "adagrad", "adam", "yogi")
 
 
 class ClientOptimizer:
@@ -16,10 +16,13 @@ class ClientOptimizer:
             raise ValueError(f"unknown client optimizer {name!r}; expected one of {CLIENT_OPTIMIZERS}")
         self.name, self.lr, self.weight_decay, self.betas, self.eps = name, lr, weight_decay, betas, eps
 
-    def init_state(self, X: torch.Tensor) -> dict:
+    def init_state(self, X: torch.Tensor, per_row: bool = False) -> dict:
+        """A fresh state; ``per_row``: each row counts its own steps (rows that persist across rounds but do not
+        all step every round, as sampled clients)."""
         if self.name == "sgd":
             return {}
-        return {"m": torch.zeros_like(X), "v": torch.zeros_like(X), "t": 0}
+        t = torch.zeros(X.shape[0], 1, dtype=X.dtype, device=X.device) if per_row else 0
+        return {"m": torch.zeros_like(X), "v": torch.zeros_like(X), "t": t}
 
     def step(self, X: torch.Tensor, g: torch.Tensor, state: dict) -> torch.Tensor:
         if self.name == "sgd":
@@ -41,6 +44,8 @@ class ServerOptimizer:
     """Applies the aggregated client update Δ (the negative pseudo-gradient) to the global model.
 
     ``sgd`` is FedAvg's θ ← θ + η_g Δ; ``avgm`` is FedAvgM (server momentum);
+    ``nesterov`` is DiLoCo's outer step (Douillard et al. 2023; PyTorch's SGD with Nesterov momentum on the
+    pseudo-gradient −Δ): v ← μv + Δ, θ ← θ + η_g (Δ + μv);
     ``adagrad``/``adam``/``yogi`` are FedAdagrad/FedAdam/FedYogi of Reddi et
     al. (2021, Algorithm 2), without bias correction, as in the paper.
     """
@@ -54,10 +59,10 @@ class ServerOptimizer:
     def step(self, theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         if self.name == "sgd":
             return theta + self.lr * delta
-        if self.name == "avgm":
+        if self.name in ("avgm", "nesterov"):
             v = self.state.get("momentum", torch.zeros_like(delta))
             self.state["momentum"] = v = self.momentum * v + delta
-            return theta + self.lr * v
+            return theta + self.lr * (delta + self.momentum * v if self.name == "nesterov" else v)
         m = self.state.get("m", torch.zeros_like(delta))
         v = self.state.get("v", torch.full_like(delta, self.tau**2))
         m = self.momentum * m + (1 - self.momentum) * delta

@@ -9,12 +9,9 @@ prompt is trained on by any client).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ import numpy as np
 from distdpo.config import Config, ConfigError
 from distdpo.data.partition import drop_duplicates, partition, prompt_key, train_eval_split
 from distdpo.data.text import DataFormatError, TextPreferenceData, load_preferences
-from distdpo.io import umask
+from distdpo.io import directory_atomic
 
 
 @dataclass
@@ -34,6 +31,7 @@ class TextSplit:
     eval: list[np.ndarray]
     names: list[str]
     stats: dict[str, int]
+    files: list[str] = field(default_factory=list)  # the data files this process opened (per-site data)
 
 
 def split_text_data(cfg: Config) -> TextSplit:
@@ -83,7 +81,7 @@ def split_text_data(cfg: Config) -> TextSplit:
     return TextSplit(data, train, held_out, names, stats)
 
 
-def _dir_name(name: str, taken: set[str]) -> str:
+def client_dir_name(name: str, taken: set[str]) -> str:
     """A file-system-safe, unique directory name for a client."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "client"
     out, k = base[:100], 1
@@ -113,29 +111,21 @@ def write_split(split: TextSplit, cfg: Config, out: str | Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty directory; choose a new directory")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        with directory_atomic(out) as tmp:
+            taken: set[str] = set()
+            clients = []
+            for name, train, held in zip(split.names, split.train, split.eval):
+                folder = client_dir_name(name, taken)
+                (tmp / folder).mkdir()
+                (tmp / folder / "train.jsonl").write_text(_jsonl(split.data, train), encoding="utf-8")
+                (tmp / folder / "eval.jsonl").write_text(_jsonl(split.data, held), encoding="utf-8")
+                clients.append({"name": name, "dir": folder, "train_pairs": len(train), "eval_pairs": len(held)})
+            manifest = {"format": "trl", "clients": clients, "config": cfg.to_dict(), "data_stats": split.stats}
+            text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+            (tmp / "manifest.json").write_text(text, encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot write --out {out}: {e.strerror}") from None
-    try:
-        taken: set[str] = set()
-        clients = []
-        for name, train, held in zip(split.names, split.train, split.eval):
-            folder = _dir_name(name, taken)
-            (tmp / folder).mkdir()
-            (tmp / folder / "train.jsonl").write_text(_jsonl(split.data, train), encoding="utf-8")
-            (tmp / folder / "eval.jsonl").write_text(_jsonl(split.data, held), encoding="utf-8")
-            clients.append({"name": name, "dir": folder, "train_pairs": len(train), "eval_pairs": len(held)})
-        manifest = {"format": "trl", "clients": clients, "config": cfg.to_dict(), "data_stats": split.stats}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a split is for others to read
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-__all__ = ["TextSplit", "split_text_data", "write_split"]
+__all__ = ["TextSplit", "client_dir_name", "split_text_data", "write_split"]

@@ -36,10 +36,11 @@ class FeaturePreferenceData:
     eval_chosen: torch.Tensor
     eval_rejected: torch.Tensor
     eval_sizes: torch.Tensor
-    eval_true_order: torch.Tensor  # [n, Ne] bool
-    theta_star: torch.Tensor  # [d]
-    theta_users: torch.Tensor  # [n, d]
-    theta_ref: torch.Tensor  # [d]
+    # Ground truth, where there is one (text features have none; their reference is uniform: θ_ref = 0).
+    eval_true_order: torch.Tensor | None = None  # [n, Ne] bool
+    theta_star: torch.Tensor | None = None  # [d]
+    theta_users: torch.Tensor | None = None  # [n, d]
+    theta_ref: torch.Tensor | None = None  # [d]
 
     @property
     def num_clients(self) -> int:

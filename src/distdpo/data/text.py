@@ -103,6 +103,17 @@ class TextPreferenceData:
             dict(self.stats),
         )
 
+    def concat(self, other: TextPreferenceData) -> TextPreferenceData:
+        """These pairs, then ``other``'s (the columns both have; ``stats`` are this load's)."""
+        columns = {k: v + other.columns[k] for k, v in self.columns.items() if k in other.columns}
+        return TextPreferenceData(
+            self.prompt + other.prompt,
+            self.chosen + other.chosen,
+            self.rejected + other.rejected,
+            columns,
+            dict(self.stats),
+        )
+
     def column(self, name: str) -> list:
         """One metadata column; KeyError naming the available ones."""
         try:

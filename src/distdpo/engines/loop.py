@@ -1,4 +1,5 @@
-"""The round loop, written once for every engine: restore, record round 0, run rounds, evaluate, checkpoint.
+"""The round loop, written once for every engine: restore, record round 0, run rounds, evaluate, checkpoint,
+export the trained model (a causal LM's, see :mod:`distdpo.lm.export`).
 
 An engine supplies an :class:`~distdpo.algorithms.base.Algorithm` (the Flower
 server is one too), a :class:`~distdpo.metrics.Recorder` (``None`` on a
@@ -19,6 +20,7 @@ from distdpo import faults
 from distdpo.algorithms.base import Algorithm
 from distdpo.checkpoint import RunCheckpoint
 from distdpo.config import Config
+from distdpo.lm.export import export_run
 from distdpo.metrics import Recorder, RunDiverged, evaluated
 
 
@@ -40,6 +42,9 @@ class RoundHooks:
     def stop_everywhere(self, diverged: bool) -> bool:
         """Whether every process stops now, given whether this one saw the run diverge."""
         return diverged
+
+    def measure_elsewhere(self, theta: torch.Tensor) -> None:
+        """Called at an evaluated round on a process without a recorder: its part of a collective evaluation."""
 
     def checkpoint_extra(self) -> dict[str, torch.Tensor]:
         return {}
@@ -72,6 +77,8 @@ def train_rounds(
         theta = algo.global_params()  # (a collective under torchdist: every process takes part)
         if rec is not None:
             rec.record(0, theta, {}, 0.0)
+        else:
+            hooks.measure_elsewhere(theta)
     show = progress and cfg.engine.progress and rec is not None
     bar = tqdm(
         range(start + 1, cfg.algorithm.rounds + 1),
@@ -98,6 +105,8 @@ def train_rounds(
                     bar.set_postfix(loss=f"{row['global_loss']:.4f}")
                 except RunDiverged as e:
                     diverged = e
+            else:
+                hooks.measure_elsewhere(theta)
             if hooks.stop_everywhere(diverged is not None):  # every process stops at the same round
                 bar.close()
                 raise diverged or RunDiverged([], {})
@@ -105,8 +114,12 @@ def train_rounds(
             rec.skip(stats)
         if ckpt.due(r):
             ckpt.save(r, algo, rec, wall, hooks.checkpoint_extra())
+            if cfg.engine.export_every_checkpoint and r < cfg.algorithm.rounds:
+                export_run(cfg, label, algo, rec, ckpt.fingerprint, r)
     bar.close()
-    return algo.global_params()
+    theta = algo.global_params()
+    export_run(cfg, label, algo, rec, ckpt.fingerprint, cfg.algorithm.rounds, theta)
+    return theta
 
 
 __all__ = ["RoundHooks", "train_rounds"]

@@ -45,6 +45,15 @@ class SimulatedCommunicator:
             raise RuntimeError("mix() needs a topology: this run has none (is the algorithm decentralized?)")
         return self._matrix(round_index) @ values
 
+    def neighbourhood(self, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.local_nodes, self._matrix(round_index)
+
+    def exchange(self, values: torch.Tensor, round_index: int) -> torch.Tensor:
+        return values
+
+    def gather_rows(self, values: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        return values
+
 
 def run(cfg, label: str, cache, *, progress: bool = True):
     """Train one configuration in this process; returns (metric rows, summary entry)."""

@@ -5,7 +5,9 @@ runs the simulator's algorithm code on its block. ``aggregate`` is an all-reduce
 of the local weighted sum (the federated server is this reduction: every rank
 applies the same server step to the same θ). ``mix`` sends every neighbouring
 rank one flat buffer holding exactly the rows its W_t rows need, with all
-receives and sends posted before any wait, then forms the local rows of W_t @ X.
+receives and sends posted before any wait, then forms the local rows of W_t @ X. Compressed messages travel as
+their byte payloads: ``exchange`` (gossip without the mixing) and ``gather_rows`` (uploads, one broadcast per
+rank), since a sum of compressed payloads is not one.
 Centralized runs identically on every rank (it communicates nothing).
 
 Rank 0 alone evaluates and writes; a round starts with a heartbeat
@@ -156,6 +158,13 @@ class Control:
         if found:
             raise ConfigError("; ".join(found))
 
+    def gather_objects(self, obj: Any) -> list:
+        """Every rank's picklable ``obj``, in rank order."""
+        out = [None] * self.world_size
+        with network():
+            dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """``[world_size, *t.shape]``: every rank's ``t`` (CPU, float64)."""
         out = [torch.empty_like(t) for _ in range(self.world_size)]
@@ -263,14 +272,21 @@ class TorchDistCommunicator:
                         )
                     )
             W_loc = torch.as_tensor(rows[:, cols], dtype=self.dtype, device=self.device)
-            self._plans[key] = (W_loc, len(cols), local, recv, send)
+            self._plans[key] = (W_loc, torch.as_tensor(cols), local, recv, send)
         return self._plans[key]
 
     def mix(self, values: torch.Tensor, round_index: int) -> torch.Tensor:
+        return self._plan(round_index)[0] @ self.exchange(values, round_index)
+
+    def neighbourhood(self, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        W_loc, cols, *_ = self._plan(round_index)
+        return cols, W_loc
+
+    def exchange(self, values: torch.Tensor, round_index: int) -> torch.Tensor:
         if self.topology is None:
-            raise RuntimeError("mix() needs a topology: this run has none (is the algorithm decentralized?)")
-        W_loc, num_cols, (lo, hi), recv, send = self._plan(round_index)
-        X = values.new_empty(num_cols, values.shape[1])
+            raise RuntimeError("gossip needs a topology: this run has none (is the algorithm decentralized?)")
+        _, cols, (lo, hi), recv, send = self._plan(round_index)
+        X = values.new_empty(len(cols), values.shape[1])
         X[lo:hi] = values
         t0 = time.perf_counter()
         with network():
@@ -283,7 +299,25 @@ class TorchDistCommunicator:
             for w in works:
                 w.wait()
         self.comm_time_s += time.perf_counter() - t0
-        return W_loc @ X
+        return X
+
+    def gather_rows(self, values: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """One broadcast per rank holding some of ``nodes``: exactly each rank's rows travel (no padding)."""
+        out = values.new_empty(len(nodes), *values.shape[1:])
+        t0 = time.perf_counter()
+        with network():
+            at = 0
+            for q, b in enumerate(self.blocks):
+                count = int(((nodes >= b.start) & (nodes < b.stop)).sum())
+                part = out[at : at + count]
+                if q == self.rank:
+                    part.copy_(values)
+                    self.bytes_sent += values.numel() * values.element_size()
+                if count and self.world_size > 1:
+                    dist.broadcast(part, q, group=self.group)
+                at += count
+        self.comm_time_s += time.perf_counter() - t0
+        return out
 
 
 # ---------------------------------------------------------------- the engine
@@ -292,9 +326,14 @@ class TorchDistCommunicator:
 class _RankHooks(RoundHooks):
     """A rank's part around each round: fault injection, the heartbeat, and the per-rank communication columns."""
 
-    def __init__(self, ctl: Control, comm: TorchDistCommunicator):
+    def __init__(self, ctl: Control, comm: TorchDistCommunicator, federated=None, weights=None):
         self.ctl, self.comm, self.rank, self.round = ctl, comm, ctl.rank, 0
         self.pending = torch.zeros(2, dtype=torch.float64)  # comm seconds and bytes since the last row
+        self.federated, self.weights = federated, weights  # per-site data: every rank takes part in evaluation
+
+    def measure_elsewhere(self, theta: torch.Tensor) -> None:
+        if self.federated is not None:
+            self.federated.evaluate(theta, self.weights)
 
     def before_round(self, round_index: int) -> None:
         self.round = round_index
@@ -325,6 +364,30 @@ class _RankHooks(RoundHooks):
         self.pending = extra.get("pending_comm", self.pending)
 
 
+def site_task(cfg: Config, ctl: Control):
+    """This rank's clients' task from their own files only (data.source = "local"), measured with every rank's."""
+    from distdpo.data.sites import local_split, site_files
+    from distdpo.tasks.evaluation import FederatedTask
+
+    n = len(site_files(cfg))
+    if n < ctl.world_size:
+        raise ConfigError(f"engine.name = 'torchdist' places {n} sites on {ctl.world_size} ranks: needs sites ≥ ranks")
+    mine = list(block(n, ctl.world_size, ctl.rank))
+    split, error = None, None
+    try:
+        split = local_split(cfg, held=mine)
+    except ConfigError as e:
+        error = f"rank {ctl.rank}: {e}"
+    ctl.check(error)  # a site's bad file stops every rank, named
+    sizes = torch.zeros(n, dtype=torch.float64)
+    sizes[mine] = torch.tensor([len(split.train[i]) for i in mine], dtype=torch.float64)
+    every = ctl.gather(sizes).sum(0).long().tolist()  # each site's training-pair count: the batches need them
+    task = build.build_text_task(cfg, split, every)
+    federated = FederatedTask(task, ctl.gather_objects)
+    federated.files_by_rank = ctl.gather_objects(split.files)  # which files each rank opened (summary.json)
+    return federated
+
+
 def run(cfg: Config, label: str, cache, *, progress: bool = True):
     """Train one configuration on this job's ranks; rank 0 returns (metric rows, summary), others ([], {})."""
     from distdpo.checkpoint import RunCheckpoint
@@ -333,7 +396,11 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
     init(cfg)
     ctl = _CONTROL
     me, P = ctl.rank, ctl.world_size
-    task = cache.task(cfg)
+    federated = None
+    if build.data_stays_at_sites(cfg):
+        federated = cache.tasks[build.task_key(cfg)] = site_task(cfg, ctl)  # what the run directory asks of it
+        cache.fingerprints[build.task_key(cfg)] = federated.fingerprint()
+    task = federated or cache.task(cfg)
     if task.num_clients < P:
         raise ConfigError(
             f"engine.name = 'torchdist' places {task.num_clients} nodes on {P} ranks: needs nodes ≥ ranks"
@@ -345,9 +412,10 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
     columns = [f"comm_time_s/rank{q}" for q in range(P)] + [f"comm_bytes/rank{q}" for q in range(P)]
     rec = None
     if me == 0:  # f★ (a Newton solve) and evaluation happen on rank 0 only
-        rec = Recorder(cfg, label, task, weights, topology, cache.optimum(cfg, task, weights), extra_columns=columns)
-    ckpt = RunCheckpoint(cfg, label, ctl, fingerprint=cache.fingerprint(cfg))
-    hooks = _RankHooks(ctl, comm)
+        optimum = None if federated else cache.optimum(cfg, task, weights)
+        rec = Recorder(cfg, label, task, weights, topology, optimum, extra_columns=columns)
+    ckpt = RunCheckpoint(cfg, label, ctl, fingerprint=task.fingerprint() if federated else cache.fingerprint(cfg))
+    hooks = _RankHooks(ctl, comm, federated, weights)
     try:
         ctl.heartbeat(max(ctl.timeout_s, 600.0))  # setup: rank 0 may spend a while on f★
         theta = train_rounds(cfg, label, algo, rec, ckpt, hooks, progress=progress, device=comm.device)
@@ -359,6 +427,8 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
             raise
         raise failure from None
     if rec is None:
+        if federated is not None:
+            federated.grad_noise(theta)  # this rank's part of the summary's σ²
         return [], {}
     summary = rec.summary(theta)
     summary["torchdist"] = {
@@ -366,4 +436,6 @@ def run(cfg: Config, label: str, cache, *, progress: bool = True):
         "backend": backend(cfg),
         "placement": [[b.start, b.stop] for b in comm.blocks],
     }
+    if federated is not None:
+        summary["torchdist"]["files_read"] = federated.files_by_rank
     return rec.rows, summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
@@ -70,3 +71,31 @@ def text_fingerprint(texts: Iterable[str]) -> str:
         h.update(t.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def tokenizer_texts(path: str | Path) -> list[str]:
+    """The texts a built-in tokenizer is trained on: a preference file's prompts and completions (any format
+    distdpo reads), or the lines of a plain-text file."""
+    from distdpo.data.text import load_preferences
+
+    path = Path(path).expanduser()
+    if path.suffix in (".txt", ".text", ".md"):
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = load_preferences(path)
+    return [t for triple in zip(data.prompt, data.chosen, data.rejected) for t in triple]
+
+
+def init_model(name: str, texts: list[str], out: str | Path, *, vocab_size: int = 4096, seed: int = 0) -> Path:
+    """Create built-in model ``name`` once (random init with ``seed``, BPE trained on ``texts``) and write it as a
+    ``save_pretrained`` directory that every site loads with ``policy.model = out`` (no site's data needed)."""
+    from distdpo.io import directory_atomic
+
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} already exists and is not an empty directory; choose a new directory")
+    tokenizer = train_tokenizer(texts, vocab_size)
+    model = build_model(name, len(tokenizer), seed)
+    with directory_atomic(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out

@@ -344,7 +344,9 @@ def _loop_logps(model, batch: PackedBatch, autocast_dtype: torch.dtype | None):
     out = []
     for row, lp, n in zip(ids, prompt[:, 0].tolist(), lengths[:, 0].tolist()):
         with torch.autocast(ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids=row[None, :n], use_cache=False).logits[0, lp - 1 : n - 1]
+            seq = row[None, :n]  # unpadded: the all-ones mask only says so (transformers warns without one)
+            output = model(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False)
+            logits = output.logits[0, lp - 1 : n - 1]
         out.append(torch.log_softmax(logits.float(), dim=-1).gather(1, row[lp:n, None]).sum())
     sums = torch.stack(out)
     B = batch.input_ids.shape[0]

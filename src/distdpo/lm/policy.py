@@ -2,8 +2,9 @@
 
 With LoRA (``lora_r > 0``) the trainable part is the `peft` adapter and the
 reference policy is the same model with the adapter disabled; with full
-fine-tuning it is every weight and the reference is a frozen copy. Engines
-only ever see the flat vector: that is what nodes hold, average and send.
+fine-tuning it is every weight and the reference is a frozen copy; a separate
+reference model (``policy.reference_model``) replaces either. Engines only ever
+see the flat vector: that is what nodes hold, average and send.
 """
 
 from __future__ import annotations
@@ -11,49 +12,32 @@ from __future__ import annotations
 import copy
 import hashlib
 import warnings
-from pathlib import Path
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from distdpo.config import ConfigError
-from distdpo.hub import check_hub_id, is_local
 from distdpo.lm.builtin import BUILTIN, build_model, is_builtin, train_tokenizer
 from distdpo.lm.logprobs import PackedBatch, pair_logps
+from distdpo.lm.pretrained import load_merged
 
 
-def load_model_and_tokenizer(model: str, *, training_texts=None, vocab_size: int = 4096, seed: int = 0):
-    """``builtin:<name>`` (random init + BPE trained on ``training_texts``), a local path, or a hub id."""
+def load_model_and_tokenizer(
+    model: str, *, training_texts=None, vocab_size: int = 4096, seed: int = 0, key: str = "policy.model"
+):
+    """``builtin:<name>`` (random init + BPE trained on ``training_texts``), a local path, a hub id, or a distdpo
+    export / PEFT adapter directory (merged into its base: training continues from that model)."""
     if is_builtin(model):
         if model.removeprefix("builtin:") not in BUILTIN:
             raise ConfigError(
-                f"policy.model = {model!r}: no such built-in model; expected one of "
+                f"{key} = {model!r}: no such built-in model; expected one of "
                 f"{', '.join('builtin:' + k for k in BUILTIN)}"
             )
         if training_texts is None:
             raise ValueError("a built-in model needs training texts for its tokenizer")
         tok = train_tokenizer(training_texts, vocab_size)
         return build_model(model, len(tok), seed), tok
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    def load(local_only: bool):
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-        return AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only), tok
-
-    name = str(Path(model).expanduser()) if is_local(model) else model
-    try:
-        lm, tok = load(True)  # a local directory, or a hub id already in the local cache
-    except (OSError, ValueError) as e:
-        if is_local(model):
-            raise ConfigError(f"policy.model = {model!r}: cannot load a causal LM from that directory ({e})") from None
-        check_hub_id("policy.model", model, "model")  # fails fast, naming why, when the hub cannot serve it
-        try:
-            lm, tok = load(False)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load policy.model = {model!r} from the Hugging Face hub: {e}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return lm, tok
+    return load_merged(model, key)
 
 
 class CausalLMPolicy:
@@ -70,7 +54,10 @@ class CausalLMPolicy:
         target_modules: list[str] | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        reference=None,
     ):
+        """``reference``: a model (sharing ``tokenizer``) whose log-probs are the reference's, instead of the
+        policy's own starting model."""
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
@@ -100,10 +87,19 @@ class CausalLMPolicy:
             self.reference_model = None
         else:
             self.model = model
-            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference_model = copy.deepcopy(model) if reference is None else None
+        if reference is not None:
+            self.reference_model = reference.to(self.device)
+        if self.reference_model is not None:
+            self.reference_model.eval().requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in self.params)
         self.pad_id = tokenizer.pad_token_id
+        # Taken now, before training changes the weights: the starting model, and a separate reference if any.
+        start = self.model.get_base_model() if self.lora else self.model
+        self._fingerprint = model_fingerprint(start, f"device={self.device.type}:autocast={self.autocast_dtype}")
+        if reference is not None:
+            self._fingerprint = model_fingerprint(reference, "reference after", self._fingerprint)
 
     def get_flat(self) -> torch.Tensor:
         return parameters_to_vector(self.params).detach().clone()
@@ -124,25 +120,31 @@ class CausalLMPolicy:
 
     @torch.no_grad()
     def reference_logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.lora:
+        if self.reference_model is None:
             with self.model.disable_adapter():
                 return pair_logps(self.model, batch, self.autocast_dtype)
         return pair_logps(self.reference_model, batch, self.autocast_dtype)
 
     def fingerprint(self) -> str:
-        """Identifies the reference model: every weight and buffer's bytes, the model config, and the compute kind.
+        """Identifies the starting model and the reference: every weight and buffer's bytes, the model configs, and
+        the compute kind.
 
         Reference log-probs cached under this key are valid exactly when all of these are the same.
         """
-        h = hashlib.sha256()
-        ref = self.model.get_base_model() if self.lora else self.reference_model
-        with torch.no_grad():
-            for kind, named in (("param", ref.named_parameters()), ("buffer", ref.named_buffers())):
-                for name, t in named:
-                    if "lora_" in name:
-                        continue
-                    h.update(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype}".encode())
-                    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        h.update(ref.config.to_json_string(use_diff=False).encode())
-        h.update(f"device={self.device.type}:autocast={self.autocast_dtype}".encode())
-        return h.hexdigest()[:24]
+        return self._fingerprint
+
+
+def model_fingerprint(model, *extra: str) -> str:
+    """A hash of a transformers model's weights and buffers (LoRA adapters left out), its config and ``extra``."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                if "lora_" in name:
+                    continue
+                h.update(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for text in extra:
+        h.update(text.encode())
+    return h.hexdigest()[:24]

@@ -13,7 +13,8 @@ CI = stderr × t-quantile) and draws its figures (:mod:`.plotting`), and writes 
 * ``summary.json`` (every run's summary and config, the fits, the claim table, the theory instance).
 
 Experiments: A (centralized vs FedAvg full / partial vs DSGD ring), B1 local steps E, B2 participation S, B3
-topologies and spectral gap, B4 staleness q_max, B5 heterogeneity ζ², number of clients, drift correction.
+topologies and spectral gap, B4 staleness q_max, B5 heterogeneity ζ², number of clients, drift correction; P (the
+text-feature suites) the personalization gap.
 """
 
 from distdpo.reproduce.datasets import DATASETS, Dataset, DatasetUnavailable, Scale, dataset_base

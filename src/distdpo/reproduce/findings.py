@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from distdpo.report import Section
+from distdpo.report import Figure, Section, Table
 from distdpo.reproduce.stats import Verdict, fit_text, verdict
 
 
@@ -56,3 +56,7 @@ class Findings:
         """A claim decided by a comparison (``True`` = holds) or with a verdict of its own."""
         result = outcome if isinstance(outcome, Verdict) else Verdict.of(bool(outcome))
         self.claims.append(Claim(self.experiment, claim, predicted, measured, result, regime, exact))
+
+    def section(self, title: str, about: str, figures: list[Figure], tables: list[Table] = ()) -> None:
+        """A report section: one paragraph, its tables, its figures."""
+        self.sections.append(Section(title, [about], list(tables), list(figures)))

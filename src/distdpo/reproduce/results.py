@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from distdpo.experiment import Cache
 from distdpo.reproduce.datasets import Dataset, Scale
+from distdpo.reproduce.findings import Findings
+from distdpo.reproduce.plotting import band_panel
 from distdpo.reproduce.runs import Run
+from distdpo.reproduce.stats import format_number
 
 # A floor at or below ZERO_REL × (gap at round 0) is "at the optimum" (float32 runs bottom out near 1e-14).
 ZERO_REL = 1e-7
@@ -55,6 +60,10 @@ class Results:
                 + (f"; its finished series are {', '.join(map(repr, known))}" if known else "; it has none")
             )
         return found
+
+    def sweep(self, experiment: str, series: Callable[[float], str], values) -> dict[str, list[Run]]:
+        """One group of runs per swept value ``x``, named ``series(x)``."""
+        return {series(x): self.select(experiment, series(x), x=x) for x in values}
 
     # ---- what is measured
 
@@ -107,6 +116,27 @@ class Results:
         count = max(1, round(len(values) * fraction))
         return float(np.mean(values[-count:]))
 
+    def claim_no_floor(
+        self, findings: Findings, claim: str, runs: list[Run], regime: str, floor: str = "floor", when: str = ""
+    ) -> None:
+        """The claim that exact gradients leave no floor: every run's floor is at its optimum level."""
+        floors = [(self.floor(run), self.optimum_level(run)) for run in runs]
+        findings.claimed(
+            claim,
+            f"{floor} ≤ {ZERO_REL:g}·gap₀",
+            f"max over seeds {format_number(max(v for v, _ in floors))}{when}",
+            all(v <= level for v, level in floors),
+            regime,
+            exact=True,
+        )
+
+    def panel(
+        self, ax, groups: dict[str, list[Run]], title: str, column: str | None = None, ylabel: str | None = None
+    ) -> None:
+        """One band panel of ``column`` (default: the suboptimality measure) over rounds, log scale, with a legend."""
+        curves = self.curves_over_seeds(groups, column or self.metric)
+        band_panel(ax, curves, log=True, ylabel=ylabel or self.metric_label, legend=True, title=title)
+
     # ---- how figures and tables name a configuration
 
     def config_note(self, run: Run) -> str:
@@ -115,6 +145,9 @@ class Results:
         parts = [f"{self.dataset.name}", f"n={data.get('num_clients')}"]
         if self.dataset.synthetic_model:
             parts += [f"d={data.get('dim')}", f"ζ-scale={data.get('heterogeneity')}"]
+        policy = run.table.get("policy", {})
+        if policy.get("kind") == "loglinear" and data.get("source", "synthetic") != "synthetic":
+            parts.append(f"d={policy.get('feature_dim')} {policy.get('features')} text features")
         parts += [f"η={algorithm.get('lr')}", "full batch" if batch == "full" else f"minibatch B={batch}"]
         return ", ".join(parts)
 

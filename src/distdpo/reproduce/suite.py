@@ -120,8 +120,8 @@ def reproduce(
 ) -> Path:
     """Run the suite on ``dataset`` and write the report, metrics.csv and summary.json into ``out``.
 
-    ``seeds`` defaults to the dataset's (3 for synthetic, 2 for the language-model datasets); ``resume`` reuses the
-    runs an interrupted call finished in ``out``.
+    ``seeds`` defaults to the dataset's (3 for the log-linear datasets, 2 for the language-model datasets);
+    ``resume`` reuses the runs an interrupted call finished in ``out``.
     """
     known = DATASETS.get(dataset)
     if seeds is None:
@@ -130,7 +130,7 @@ def reproduce(
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     started = time.perf_counter()
     threads = torch.get_num_threads()
-    if known and known.synthetic_model:
+    if known and known.log_linear:
         # The runs are small: one thread is as fast, and intra-op threads stall badly when the cores are shared.
         torch.set_num_threads(1)
     try:

@@ -1,6 +1,8 @@
-"""DPO on featurized actions (the synthetic personalized model), for all clients at once."""
+"""DPO on featurized actions (the synthetic personalized model, or text pairs' features), for all clients at once."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -99,7 +101,14 @@ class FeatureTask:
         mask = self._weight64 > 0
         total = int(self.client_sizes.sum())
         pair_w = (weights.to(torch.float64) * total / self.client_sizes.to(torch.float64))[:, None].expand_as(mask)
-        train = (self._pairs64[mask][None], torch.tensor([total]), pair_w[mask][None])
+        return self._on((self._pairs64[mask][None], torch.tensor([total]), pair_w[mask][None]))
+
+    def client(self, i: int) -> "FeatureTask":
+        """Client ``i`` alone: its loss f_i (and every client's held-out pairs, for evaluation)."""
+        return self._on((self._pairs64[i : i + 1], self.client_sizes[i : i + 1], self._weight64[i : i + 1]))
+
+    def _on(self, train: tuple) -> "FeatureTask":
+        """This task's data, policy and loss with training pairs ``train`` = (pairs, sizes, pair weights)."""
         return FeatureTask(
             self.data,
             self.policy,
@@ -168,8 +177,12 @@ class FeatureTask:
         out.update(self.held_out_metrics(theta))
         return out
 
-    def held_out_metrics(self, theta: torch.Tensor) -> dict[str, float]:
-        """Implicit-reward accuracy and margins on every client's held-out pairs."""
+    def held_out_accuracies(self, X: torch.Tensor) -> torch.Tensor:
+        """Each client's held-out implicit-reward accuracy under its own row of ``X`` (``[n]``; NaN: no pairs)."""
+        return self._held_out(X)[0]["rewards/accuracies"]
+
+    def _held_out(self, X: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per-client means of the DPO metrics, of the loss and of log π/π_ref on chosen, held-out pairs, rows ``X``."""
         d = self.data
         n = d.eval_features.shape[0]
         if self._eval_ref is None:
@@ -178,24 +191,31 @@ class FeatureTask:
                 self.policy.logps(ref, d.eval_features, d.eval_chosen),
                 self.policy.logps(ref, d.eval_features, d.eval_rejected),
             )
-        X = theta.detach().to(torch.float64).cpu().expand(n, -1)
+        X = X.detach().to(torch.float64).cpu()
         pol_w = self.policy.logps(X, d.eval_features, d.eval_chosen)
         pol_l = self.policy.logps(X, d.eval_features, d.eval_rejected)
         losses, m = dpo_loss(pol_w, pol_l, *self._eval_ref, self.beta, self.loss_type, self.label_smoothing)
         valid = (torch.arange(losses.shape[1])[None, :] < d.eval_sizes[:, None]).to(torch.float64)
 
-        def client_mean(t: torch.Tensor) -> torch.Tensor:
+        def client_mean(t: torch.Tensor) -> torch.Tensor:  # NaN for a client with no held-out pairs
             return (t * valid).sum(1) / valid.sum(1)
 
-        acc = client_mean(m["rewards/accuracies"])
-        correct_true = ((m["rewards/margins"] > 0) == d.eval_true_order).to(torch.float64)
+        if d.eval_true_order is not None:  # generated data: agreement with the users' true rewards
+            m["true_order"] = ((m["rewards/margins"] > 0) == d.eval_true_order).to(torch.float64)
+        return {k: client_mean(v) for k, v in m.items()}, client_mean(losses), client_mean(pol_w - self._eval_ref[0])
+
+    def held_out_metrics(self, theta: torch.Tensor) -> dict[str, float]:
+        """Implicit-reward accuracy and margins on every client's held-out pairs (clients without any left out)."""
+        m, losses, logratio = self._held_out(theta.expand(self.data.eval_features.shape[0], -1))
+        mean = lambda t: float(t.nanmean())  # noqa: E731
+        acc = m["rewards/accuracies"]
         return {
-            "eval_loss": float(client_mean(losses).mean()),
-            "pref_accuracy": float(acc.mean()),
-            "pref_accuracy_worst": float(acc.min()),
-            "true_pref_accuracy": float(client_mean(correct_true).mean()),
-            "reward_margin": float(client_mean(m["rewards/margins"]).mean()),
-            "rewards/chosen": float(client_mean(m["rewards/chosen"]).mean()),
-            "rewards/rejected": float(client_mean(m["rewards/rejected"]).mean()),
-            "logratio_chosen": float(client_mean(pol_w - self._eval_ref[0]).mean()),
+            "eval_loss": mean(losses),
+            "pref_accuracy": mean(acc),
+            "pref_accuracy_worst": float(acc[~acc.isnan()].min()) if not acc.isnan().all() else math.nan,
+            "true_pref_accuracy": mean(m["true_order"]) if "true_order" in m else math.nan,
+            "reward_margin": mean(m["rewards/margins"]),
+            "rewards/chosen": mean(m["rewards/chosen"]),
+            "rewards/rejected": mean(m["rewards/rejected"]),
+            "logratio_chosen": mean(logratio),
         }

@@ -22,7 +22,8 @@ from distdpo.io import cache_dir, write_bytes_atomic
 from distdpo.lm.logprobs import TokenizedPairs, pack
 from distdpo.lm.policy import CausalLMPolicy
 from distdpo.losses import dpo_loss, margin_loss
-from distdpo.tasks.base import Batch, client_metrics
+from distdpo.tasks.base import Batch
+from distdpo.tasks.evaluation import HELD_OUT_SUMS, ClientReport, combine, gradient
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,11 @@ class TextTask:
         pair_weight: list[np.ndarray] | None = None,
         reference: torch.Tensor | None = None,
         initial: torch.Tensor | None = None,
+        client_sizes: list[int] | None = None,
     ):
+        """``client_sizes``: every client's training-pair count when this process holds only some clients' data
+        (the others' ``train`` and ``eval`` are empty): minibatches are still drawn for all n clients, so every
+        process draws the numbers the simulator draws."""
         self.policy, self.pairs = policy, pairs
         self.device = policy.device
         self.data_stats: dict = {}  # what loading dropped, skipped and truncated (set by the builder)
@@ -59,7 +64,9 @@ class TextTask:
         self.loss_pairs_per_client, self.eval_chunk = loss_pairs_per_client, eval_chunk
         self.num_clients = len(self.train)
         self.num_params = policy.num_params
-        self.client_sizes = torch.tensor([len(t) for t in self.train], dtype=torch.long)
+        self.held = [i for i, t in enumerate(self.train) if len(t)]  # the clients whose data this process holds
+        sizes = [len(t) for t in self.train] if client_sizes is None else client_sizes
+        self.client_sizes = torch.tensor(sizes, dtype=torch.long)
         if (self.client_sizes == 0).any():
             empty = [self.client_names[i] for i in np.flatnonzero(self.client_sizes.numpy() == 0)]
             raise ValueError(f"clients with no training pairs: {', '.join(empty)} (fewer clients or a larger split)")
@@ -67,6 +74,10 @@ class TextTask:
         weight = torch.zeros(self.num_clients, N, dtype=torch.float64)
         for i, size in enumerate(self.client_sizes.tolist()):
             weight[i, :size] = 1.0 if pair_weight is None else torch.as_tensor(pair_weight[i], dtype=torch.float64)
+            if i not in self.held:
+                continue
+            if len(self.train[i]) != size:
+                raise ValueError(f"client {self.client_names[i]!r}: {len(self.train[i])} training pairs, not {size}")
         self.weight = weight
         # Reference log-probs per pair, filled on first use (a task built from another shares its tensor).
         self._ref = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64) if reference is None else reference
@@ -95,6 +106,8 @@ class TextTask:
         losses, grads = [], []
         t0 = time.perf_counter()
         for k, node in enumerate(nodes.tolist()):
+            if not len(self.train[node]):
+                raise RuntimeError(f"this process does not hold client {self.client_names[node]!r}'s data")
             take = batch.scale[node] > 0
             ids = self.train[node][batch.index[node][take]]
             scale = batch.scale[node][take].to(self.policy.device, torch.float32)
@@ -194,91 +207,93 @@ class TextTask:
         scale = torch.gather(self.weight, 1, index) * valid
         return Batch(index, scale / scale.sum(1, keepdim=True))
 
-    def _client_losses_and_grads(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every client's loss and gradient at θ on the fixed loss pairs (float64, CPU; not counted as training)."""
+    def client_reports(self, theta: torch.Tensor, clients: list[int] | None = None) -> list[ClientReport]:
+        """Each held client's loss and gradient at θ on its fixed loss pairs and its held-out sums (see
+        :mod:`distdpo.tasks.evaluation`); not counted as training."""
+        clients = self.held if clients is None else clients
         self._counting = False
         try:
-            X = theta.to(torch.float32).expand(self.num_clients, -1)
-            losses, grads = self.loss_and_grad(X, torch.arange(self.num_clients), self._loss_batch())
+            X = theta.to(torch.float32).expand(len(clients), -1)
+            losses, grads = self.loss_and_grad(X, torch.tensor(clients, dtype=torch.long), self._loss_batch())
         finally:
             self._counting = True
-        return losses.double(), grads.double().cpu()
+        reports = [
+            ClientReport(i, float(loss), grad.double().cpu(), **self._held_out_sums(theta, i))
+            for i, loss, grad in zip(clients, losses.double().tolist(), grads)
+        ]
+        if reports:  # this process's training throughput since the last evaluation rides on its first report
+            reports[0].tokens, reports[0].seconds = self._tokens, self._seconds
+        self._tokens, self._seconds = 0, 0.0
+        return reports
+
+    def _every_client(self) -> None:
+        if len(self.held) < self.num_clients:
+            raise RuntimeError(
+                f"this process holds {len(self.held)} of {self.num_clients} clients' data: evaluate with every "
+                "site's client_reports (federated evaluation)"
+            )
 
     def held_out_sizes(self) -> list[int]:
         return [len(e) for e in self.eval]
 
     def full_gradient(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """∇f(θ) = Σ_i p_i ∇f_i(θ) on the fixed loss pairs, the gradient that :meth:`evaluate` reports."""
-        return weights.to(torch.float64) @ self._client_losses_and_grads(theta)[1]
+        self._every_client()
+        return gradient(self.client_reports(theta), weights)
 
     def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
         """Global/per-client DPO loss and gradient on a fixed training subsample; held-out accuracies."""
-        losses, grads = self._client_losses_and_grads(theta)
-        out = {
-            **client_metrics(losses, grads, weights),
-            "tokens_per_second": self._tokens / self._seconds if self._seconds else float("nan"),
-        }
-        self._tokens, self._seconds = 0, 0.0
-        for name, loss in zip(self.client_names, losses.tolist()):
-            out[f"client_loss/{name}"] = loss
-        out.update(self.held_out_metrics(theta))
-        return out
+        self._every_client()
+        return combine(self.client_reports(theta), weights, self.client_names)
 
     @torch.no_grad()
-    def held_out_metrics(self, theta: torch.Tensor) -> dict[str, float]:
-        self.policy.set_flat(theta)
-        acc, parts = [], []
-        for ids in self.eval:
-            if len(ids) == 0:
-                continue
-            w, l = [], []
-            for start in range(0, len(ids), self.eval_chunk):
-                chunk = ids[start : start + self.eval_chunk]
-                pw, pl = self.policy.logps(pack(self.pairs, chunk.tolist(), self.policy.pad_id).to(self.policy.device))
-                w.append(pw.double().cpu())
-                l.append(pl.double().cpu())
-            ref = self._normalised(ids, self.reference(ids))
-            pol = self._normalised(ids, torch.stack([torch.cat(w), torch.cat(l)], 1))
-            losses, m = dpo_loss(
-                pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.label_smoothing
-            )
-            acc.append(float(m["rewards/accuracies"].mean()))
-            parts.append((losses, m, pol[:, 0] - ref[:, 0]))
-        if not parts:
+    def _held_out_sums(self, theta: torch.Tensor, client: int) -> dict:
+        """One client's held-out pair count, correct preferences and HELD_OUT_SUMS at θ."""
+        ids = self.eval[client]
+        if len(ids) == 0:
             return {}
-        cat = lambda key: torch.cat([p[1][key] for p in parts]).mean().item()  # noqa: E731
-        return {
-            "eval_loss": torch.cat([p[0] for p in parts]).mean().item(),
-            "pref_accuracy": float(np.mean(acc)),
-            "pref_accuracy_worst": float(np.min(acc)),
-            "reward_margin": cat("rewards/margins"),
-            "rewards/chosen": cat("rewards/chosen"),
-            "rewards/rejected": cat("rewards/rejected"),
-            "logratio_chosen": torch.cat([p[2] for p in parts]).mean().item(),
+        self.policy.set_flat(theta)
+        w, l = [], []
+        for start in range(0, len(ids), self.eval_chunk):
+            chunk = ids[start : start + self.eval_chunk]
+            pw, pl = self.policy.logps(pack(self.pairs, chunk.tolist(), self.policy.pad_id).to(self.policy.device))
+            w.append(pw.double().cpu())
+            l.append(pl.double().cpu())
+        ref = self._normalised(ids, self.reference(ids))
+        pol = self._normalised(ids, torch.stack([torch.cat(w), torch.cat(l)], 1))
+        losses, m = dpo_loss(
+            pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.label_smoothing
+        )
+        per_pair = {
+            "eval_loss": losses,
+            "reward_margin": m["rewards/margins"],
+            "rewards/chosen": m["rewards/chosen"],
+            "rewards/rejected": m["rewards/rejected"],
+            "logratio_chosen": pol[:, 0] - ref[:, 0],
         }
+        sums = {key: float(per_pair[key].sum()) for key in HELD_OUT_SUMS}
+        return {"held_out": len(ids), "correct": float(m["rewards/accuracies"].sum()), "sums": sums}
 
     def grad_noise(self, theta: torch.Tensor, pairs_per_client: int = 4) -> float:
-        """σ² estimated from one-pair gradients of the first few training pairs of each client."""
+        """σ²: the mean over clients of :meth:`client_grad_noise` (clients with too few pairs left out)."""
+        values = [v for v in self.client_grad_noise(theta, pairs_per_client).values() if v is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    def client_grad_noise(self, theta: torch.Tensor, pairs_per_client: int = 4) -> dict[int, float | None]:
+        """Each held client's variance of one-pair gradients over its first few training pairs (None: < 2 pairs)."""
         X = theta.to(torch.float32)[None]
-        total, count = 0.0, 0
+        out: dict[int, float | None] = {}
         self._counting = False
         try:
-            for i in range(self.num_clients):
+            for i in self.held:
                 m = min(pairs_per_client, int(self.client_sizes[i]))
                 if m < 2:
+                    out[i] = None
                     continue
-                g = torch.stack(
-                    [
-                        self.loss_and_grad(
-                            X,
-                            torch.tensor([i]),
-                            Batch(torch.full((self.num_clients, 1), j), torch.ones(self.num_clients, 1)),
-                        )[1][0]
-                        for j in range(m)
-                    ]
-                ).double()
-                total += float(((g - g.mean(0)) ** 2).sum(1).sum() / (m - 1))
-                count += 1
+                one_pair = lambda j: Batch(torch.full((self.num_clients, 1), j), torch.ones(self.num_clients, 1))  # noqa: E731
+                g = torch.stack([self.loss_and_grad(X, torch.tensor([i]), one_pair(j))[1][0] for j in range(m)])
+                g = g.double()
+                out[i] = float(((g - g.mean(0)) ** 2).sum(1).sum() / (m - 1))
         finally:
             self._counting = True
-        return total / count if count else float("nan")
+        return out

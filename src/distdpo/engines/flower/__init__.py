@@ -43,6 +43,13 @@ def backend_config(cfg) -> dict:
     }
 
 
+def _num_sites(cfg) -> int:
+    """Per-site data in Flower's simulation: one SuperNode per site of ``data.site_data`` (none read here)."""
+    from distdpo.data.sites import site_files
+
+    return len(site_files(cfg))
+
+
 def run(cfg, label: str, cache, *, progress: bool = True):
     """Train one configuration with Flower; returns (metric rows, summary entry) like the simulator."""
     from distdpo.engines.flower.server_app import train
@@ -55,6 +62,7 @@ def run(cfg, label: str, cache, *, progress: bool = True):
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
+    from distdpo import build
     from distdpo.engines.flower.client_app import app as client_app
 
     result: dict = {}
@@ -75,7 +83,7 @@ def run(cfg, label: str, cache, *, progress: bool = True):
         run_simulation(
             server_app=server_app,
             client_app=client_app,
-            num_supernodes=cache.task(cfg).num_clients,
+            num_supernodes=_num_sites(cfg) if build.data_stays_at_sites(cfg) else cache.task(cfg).num_clients,
             backend_config=backend_config(cfg),
         )
     finally:

@@ -13,13 +13,15 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from distdpo import build
+from distdpo import build, faults
 from distdpo.algorithms.base import local_steps
 from distdpo.algorithms.optim import ClientOptimizer
 from distdpo.engines.flower import common as wire
+from distdpo.engines.flower import sites
+from distdpo.engines.flower.secure import secagg_mod
 
 
-def _partition(context: Context, task) -> int:
+def _partition(context: Context, num_clients: int | None) -> int:
     try:
         pid = int(context.node_config[wire.PARTITION])
     except KeyError:
@@ -27,17 +29,23 @@ def _partition(context: Context, task) -> int:
             f"this SuperNode has no '{wire.PARTITION}' in its node config; start it with "
             f'--node-config "{wire.PARTITION}=<i> {wire.NUM_PARTITIONS}=<n>"'
         ) from None
-    if not 0 <= pid < task.num_clients:
+    if not 0 <= pid < (num_clients or pid + 1):
         raise ValueError(
-            f"{wire.PARTITION} = {pid} but the distdpo config has {task.num_clients} clients "
-            f"(0..{task.num_clients - 1})"
+            f"{wire.PARTITION} = {pid} but the distdpo config has {num_clients} clients (0..{num_clients - 1})"
         )
     return pid
 
 
-def _num_examples(cfg, task, pid: int) -> float:
-    """Flower's FedAvg weighs replies by this: |D_i| for p_i ∝ |D_i|, 1 for uniform weighting."""
-    return float(task.client_sizes[pid]) if build.aggregation(cfg) == "size" else 1.0
+def _task(config: ConfigRecord, context: Context):
+    """(config, this node's task, its partition-id): every client's task, or with per-site data its site's alone."""
+    text = config[wire.CONFIG]
+    cfg = wire.config_from_text(text)
+    if build.data_stays_at_sites(cfg):
+        sizes, names = list(config[sites.SIZES]), list(config[sites.NAMES])
+        pid = _partition(context, len(sizes))
+        return cfg, sites.site_task(text, cfg, context.node_config, pid, sizes, names), pid
+    task = wire.task_for(text)
+    return cfg, task, _partition(context, task.num_clients)
 
 
 def _optional_clipping(msg: Message, context: Context, call_next):
@@ -53,28 +61,32 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which client this node is and how much data it holds."""
+    """Tell the server which client this node is and how much data it holds (a site: its counts and name)."""
     text = msg.content["config"][wire.CONFIG]
-    cfg, task = wire.config_from_text(text), wire.task_for(text)
-    pid = _partition(context, task)
-    metrics = MetricRecord(
-        {
-            wire.PARTITION: pid,
-            wire.NUM_PARTITIONS: int(context.node_config.get(wire.NUM_PARTITIONS, -1)),
-            wire.NUM_EXAMPLES: _num_examples(cfg, task, pid),
-        }
+    cfg = wire.config_from_text(text)
+    parts = int(context.node_config.get(wire.NUM_PARTITIONS, -1))
+    content = RecordDict()
+    if build.data_stays_at_sites(cfg):
+        pid = _partition(context, parts if parts > 0 else None)
+        content["metrics"], content["config"] = sites.site_info(text, cfg, context.node_config, pid)
+        size = int(content["metrics"][sites.TRAIN_PAIRS])
+    else:
+        task = wire.task_for(text)
+        pid = _partition(context, task.num_clients)
+        content["metrics"], size = MetricRecord(), int(task.client_sizes[pid])
+    content["metrics"].update(
+        {wire.PARTITION: pid, wire.NUM_PARTITIONS: parts, wire.NUM_EXAMPLES: wire.num_examples(cfg, size)}
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(content, reply_to=msg)
 
 
-@app.train(mods=[_optional_clipping])
+@app.train(mods=[secagg_mod, _optional_clipping])
 def train(msg: Message, context: Context) -> Message:
     """K local steps from the received θ; returns θ_K (Flower's strategies aggregate models)."""
     torch.set_num_threads(1)  # one client per CPU: Ray/SuperNodes run clients side by side
     config: ConfigRecord = msg.content["config"]
-    text = config[wire.CONFIG]
-    cfg, task = wire.config_from_text(text), wire.task_for(text)
-    pid = _partition(context, task)
+    cfg, task, pid = _task(config, context)
+    faults.inject(pid, int(config.get("server-round", 0)))  # DISTDPO_FAULT="<kind>:<partition-id>:<round>"
     dtype = build.torch_dtype(cfg)
     arrays = msg.content["arrays"]
     theta = wire.from_record(arrays, wire.THETA, dtype, task.device)
@@ -95,6 +107,20 @@ def train(msg: Message, context: Context) -> Message:
         prox_mu=float(config.get("proximal-mu", 0.0)),
     )
     metrics = MetricRecord(
-        {wire.NUM_EXAMPLES: _num_examples(cfg, task, pid), wire.DRIFT: float(drift[0]), wire.PARTITION: pid}
+        {
+            wire.NUM_EXAMPLES: wire.num_examples(cfg, int(task.client_sizes[pid])),
+            wire.DRIFT: float(drift[0]),
+            wire.PARTITION: pid,
+        }
     )
     return Message(RecordDict({"arrays": wire.to_record(theta=X[0]), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Per-site data: measure the received θ on this site's pairs (see :mod:`.sites`)."""
+    torch.set_num_threads(1)
+    config: ConfigRecord = msg.content["config"]
+    cfg, task, _ = _task(config, context)
+    theta = wire.from_record(msg.content["arrays"], wire.THETA, build.torch_dtype(cfg), task.device)
+    return Message(sites.measure(task, theta, str(config[sites.MEASURE])), reply_to=msg)

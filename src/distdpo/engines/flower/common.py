@@ -51,6 +51,13 @@ def task_for(text: str):
     return _TASKS[text]
 
 
+def num_examples(cfg: Config, size: int) -> float:
+    """Flower's FedAvg weighs replies by this: |D_i| (``size``) for p_i ∝ |D_i|, 1 for uniform weighting."""
+    from distdpo import build
+
+    return float(size) if build.aggregation(cfg) == "size" else 1.0
+
+
 def to_record(**tensors: torch.Tensor) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in tensors.items()})
 

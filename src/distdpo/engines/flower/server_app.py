@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from distdpo import build
@@ -22,64 +22,13 @@ from distdpo.algorithms.federated import federated_round_bytes, sample_clients
 from distdpo.checkpoint import RunCheckpoint
 from distdpo.config import Config, ConfigError
 from distdpo.engines.flower import common as wire
+from distdpo.engines.flower import sites
+from distdpo.engines.flower.nodes import ClientFailure, Nodes
+from distdpo.engines.flower.privacy import PrivacyLedger
+from distdpo.engines.flower.secure import as_reply, secure_round
 from distdpo.engines.flower.strategies import SampledGrid, Scaffold, load_strategy_state, make_strategy, strategy_state
-from distdpo.faults import RankFailure
 
-
-class ClientFailure(RankFailure):
-    """A Flower client (a simulation actor or a SuperNode) died, failed or did not answer in time."""
-
-
-def _raise_errors(
-    replies: list[Message],
-    nodes: list[int],
-    what: str,
-    partition_of: dict[int, int] | None = None,
-    names: list[str] | None = None,
-) -> None:
-    """Raise :class:`ClientFailure` naming each failed or silent client by its partition (and node id)."""
-
-    def client(node: int) -> str:
-        pid = (partition_of or {}).get(node)
-        if pid is None:
-            return f"node {node}"
-        name = f"client {names[pid]!r} " if names else "client "
-        return f"{name}(partition-id {pid}, node {node})"
-
-    errors = [m for m in replies if m.has_error()]
-    if errors:
-        m = errors[0]
-        raise ClientFailure(f"{what}: {client(m.metadata.src_node_id)} failed: {m.error.reason}")
-    silent = sorted(set(nodes) - {m.metadata.src_node_id for m in replies})
-    if silent:
-        raise ClientFailure(
-            f"{what}: {len(silent)} of {len(nodes)} clients did not reply within engine.flower_timeout: "
-            f"{', '.join(client(n) for n in silent)}"
-        )
-
-
-def discover_partitions(grid: Grid, config_text: str, num_clients: int, timeout: float) -> dict[int, int]:
-    """partition-id → node id, asked of every connected node (waits until ``num_clients`` are connected)."""
-    deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < num_clients:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {num_clients} SuperNodes connected within {timeout:.0f} s")
-        time.sleep(0.1)
-    content = RecordDict({"config": ConfigRecord({wire.CONFIG: config_text})})
-    replies = list(grid.send_and_receive([Message(content, node, "query") for node in nodes], timeout=timeout))
-    _raise_errors(replies, nodes, "partition discovery")
-    node_of: dict[int, int] = {}
-    for m in replies:
-        pid = int(m.content["metrics"][wire.PARTITION])
-        if pid in node_of:
-            raise RuntimeError(
-                f"two SuperNodes ({node_of[pid]}, {m.metadata.src_node_id}) claim {wire.PARTITION} = {pid}"
-            )
-        node_of[pid] = m.metadata.src_node_id
-    missing = sorted(set(range(num_clients)) - set(node_of))
-    if missing:
-        raise RuntimeError(f"no SuperNode serves {wire.PARTITION} {missing} (the config has {num_clients} clients)")
-    return node_of
+__all__ = ["ClientFailure", "FlowerServer", "app", "train"]
 
 
 def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) -> tuple[list[dict], dict]:
@@ -87,33 +36,55 @@ def train(grid: Grid, cfg: Config, label: str, cache, *, progress: bool = True) 
     from distdpo.engines.loop import train_rounds
     from distdpo.metrics import Recorder
 
-    task = cache.task(cfg)
+    nodes = None
+    if build.data_stays_at_sites(cfg):  # the server reads no data: the sites tell their counts and measure the model
+        from distdpo.data.sites import site_files
+
+        count = len(site_files(cfg)) if cfg.data.site_data else None  # else: the SuperNodes' num-partitions
+        nodes = Nodes(grid, wire.config_text(cfg), count, cfg.engine.flower_timeout)
+        task = cache.tasks[build.task_key(cfg)] = sites.RemoteSites(cfg, grid, nodes)
+        cache.fingerprints[build.task_key(cfg)] = task.fingerprint()
+    else:
+        task = cache.task(cfg)
     weights = build.client_weights(cfg, task.client_sizes)
-    server = FlowerServer(grid, cfg, task, weights)
-    rec = Recorder(cfg, label, task, weights, None, cache.optimum(cfg, task, weights))
+    server = FlowerServer(grid, cfg, task, weights, nodes)
+    extra = ["dp_epsilon"] if server.privacy else []
+    optimum = None if nodes else cache.optimum(cfg, task, weights)
+    rec = Recorder(cfg, label, task, weights, None, optimum, extra_columns=extra)
     ckpt = RunCheckpoint(cfg, label, fingerprint=cache.fingerprint(cfg))  # continues from engine.checkpoint_dir/<label>
     theta = train_rounds(cfg, label, server, rec, ckpt, progress=progress)
-    return rec.rows, rec.summary(theta)
+    summary = rec.summary(theta)
+    if server.privacy:
+        summary["privacy"] = server.privacy.summary(cfg.algorithm.rounds)
+    if nodes:
+        summary["flower"] = {"files_read": task.files_by_site}  # by each site, of its own
+    return rec.rows, summary
 
 
 class FlowerServer:
     """The server side of a federated run over a Flower grid, as an :class:`~distdpo.algorithms.base.Algorithm`.
 
     Each round it samples clients with the simulator's generator, sends them the model through the strategy,
-    and aggregates their replies; its state (model, generators, strategy arrays) is one state dict.
+    and aggregates the replies it got (at least ``engine.min_clients``; with ``engine.secure_aggregation``
+    only their SecAgg+ sum); its state (model, generators, strategy arrays) is one state dict.
     """
 
-    def __init__(self, grid: Grid, cfg: Config, task, weights: torch.Tensor):
+    def __init__(self, grid: Grid, cfg: Config, task, weights: torch.Tensor, nodes: Nodes | None = None):
         a, e = cfg.algorithm, cfg.engine
         self.grid, self.cfg, self.task = grid, cfg, task
         self.n, self.dtype = task.num_clients, build.torch_dtype(cfg)
         self.text = wire.config_text(cfg)
-        self.node_of = discover_partitions(grid, self.text, self.n, e.flower_timeout)
-        self.partition_of = {node: pid for pid, node in self.node_of.items()}
         self.S = a.clients_per_round or self.n
+        self.need = e.min_clients or self.S  # replies a round needs
+        if self.need > self.S or (e.secure_aggregation and self.need < 2):
+            raise ConfigError(
+                f"engine.min_clients = {e.min_clients} with {self.S} clients sampled per round: it must be at most "
+                "that" + (" and, with engine.secure_aggregation, at least 2" if e.secure_aggregation else "")
+            )
+        self.nodes = nodes or Nodes(grid, self.text, self.n, e.flower_timeout, task.client_names)
         self.strategy = make_strategy(cfg, task, weights, self.S)
-        if isinstance(self.strategy, Scaffold):
-            self.strategy.node_partition = self.partition_of
+        self.num_examples = torch.tensor([wire.num_examples(cfg, int(size)) for size in task.client_sizes])
+        self.privacy = PrivacyLedger(cfg, self.num_examples, self.S, self.need) if e.dp_clip > 0 else None
         self.batch_size = build.batch_size(cfg)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the simulator's minibatch generator
         self.sample_gen = torch.Generator().manual_seed(cfg.seed + 2)  # and its client-sampling generator
@@ -124,33 +95,58 @@ class FlowerServer:
 
     def run_round(self, round_index: int) -> dict[str, float]:
         a, r = self.cfg.algorithm, round_index + 1
-        sampled = sample_clients(self.sample_gen, self.n, self.S)
-        config = ConfigRecord({wire.CONFIG: self.text, wire.RNG_STATE: wire.rng_to_bytes(self.data_gen)})
+        sampled = sample_clients(self.sample_gen, self.n, self.S).tolist()
+        config = (
+            self.task.config() if isinstance(self.task, sites.RemoteSites) else ConfigRecord({wire.CONFIG: self.text})
+        )
+        config[wire.RNG_STATE] = wire.rng_to_bytes(self.data_gen)
         if a.name == "fedprox":
             config["proximal-mu"] = a.mu  # FedProx's key; set here too when a server optimizer replaces FedProx
         for _ in range(a.local_steps):  # advance past the batches the clients draw from that state
             self.task.sample_batch(self.data_gen, self.batch_size)
-        messages = list(
-            self.strategy.configure_train(
-                r,
-                wire.to_record(theta=self.theta),
-                config,
-                SampledGrid(self.grid, [self.node_of[int(i)] for i in sampled]),
-            )
-        )
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.engine.flower_timeout))
-        _raise_errors(
-            replies, [m.metadata.dst_node_id for m in messages], f"round {r}", self.partition_of, self.task.client_names
-        )
+        self.nodes.refresh()  # SuperNodes that left or (re)joined: a restarted one has a new node id
+        if isinstance(self.strategy, Scaffold):
+            self.strategy.node_partition = self.nodes.partition_of
+        reached = [self.nodes.node_of[p] for p in sampled if p in self.nodes.node_of]
+        if len(reached) < self.need:  # too many sampled clients have no SuperNode: the round cannot succeed
+            raise self.nodes.failure([], [], sampled, self.need, f"round {r}")
+        grid = SampledGrid(self.grid, reached)
+        messages = list(self.strategy.configure_train(r, wire.to_record(theta=self.theta), config, grid))
+        if self.cfg.engine.secure_aggregation:
+            replies, metrics = self._secure(r, grid, messages, sampled)
+        else:
+            replies = list(grid.send_and_receive(messages, timeout=self.cfg.engine.flower_timeout))
+            replies = self.nodes.check(replies, messages, sampled, self.need, f"round {r}")
+            metrics = [m.content["metrics"] for m in replies]
         arrays, _ = self.strategy.aggregate_train(r, replies)
         if arrays is None:
             raise RuntimeError(f"round {r}: the strategy returned no model")
         self.theta = wire.from_record(arrays, wire.THETA, self.dtype, self.task.device)
-        drift = sum(float(m.content["metrics"][wire.DRIFT]) for m in replies) / len(replies)
-        sent = federated_round_bytes(
-            len(sampled), self.task.num_params, self.theta.element_size(), a.name == "scaffold"
+        stats = {
+            "client_drift": sum(float(m[wire.DRIFT]) for m in metrics) / len(metrics),
+            "clients_replied": len(metrics),
+            "bytes": self._bytes(len(messages), len(metrics)),
+        }
+        if self.privacy is not None:
+            stats["dp_epsilon"] = self.privacy.epsilon(r)
+        return stats
+
+    def _secure(self, r: int, grid: SampledGrid, messages: list[Message], sampled: list[int]):
+        """SecAgg+ over the round's messages: (one reply for the strategy, the metrics of each summed client)."""
+        e = self.cfg.engine
+        average, results = secure_round(grid, messages, r, self.need, float(self.num_examples.max()), e.flower_timeout)
+        if average is None or len(results) < self.need:  # the protocol halted: name who was missing at its last step
+            raise self.nodes.failure(grid.last_replies, grid.last_sent, sampled, self.need, f"round {r} (SecAgg+)")
+        return [as_reply(self.theta, average, messages[0].metadata.dst_node_id)], [res.metrics for res in results]
+
+    def _bytes(self, sent: int, replied: int) -> int:
+        """The model (and SCAFFOLD's correction) down to every reached client, an update up from each reply."""
+        scaffold = isinstance(self.strategy, Scaffold)
+        per_vector = self.task.num_params * self.theta.element_size()
+        return (
+            federated_round_bytes(replied, self.task.num_params, self.theta.element_size(), scaffold)
+            + (sent - replied) * (2 if scaffold else 1) * per_vector
         )
-        return {"client_drift": drift, "bytes": sent}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {

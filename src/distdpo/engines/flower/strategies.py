@@ -38,6 +38,8 @@ class SampledGrid(Grid):
 
     def __init__(self, grid: Grid, node_ids: list[int]):
         self._grid, self._node_ids = grid, list(node_ids)
+        self.last_sent: list[Message] = []  # the last exchange, to name who did not answer
+        self.last_replies: list[Message] = []
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
@@ -59,7 +61,9 @@ class SampledGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages, *, timeout=None):
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        self.last_sent = list(messages)
+        self.last_replies = list(self._grid.send_and_receive(self.last_sent, timeout=timeout))
+        return self.last_replies
 
 
 class Scaffold(FedAvg):
@@ -144,13 +148,9 @@ def make_strategy(cfg: Config, task, weights: torch.Tensor, num_sampled: int) ->
     """
     a, e = cfg.algorithm, cfg.engine
     spec = ALGORITHM_SPECS[a.name]
-    # Sampling happens before the strategy sees the grid (SampledGrid): take every node it is shown.
-    common = {
-        "fraction_train": 1.0,
-        "fraction_evaluate": 0.0,
-        "min_train_nodes": num_sampled,
-        "min_available_nodes": num_sampled,
-    }
+    # Sampling happens before the strategy sees the grid (SampledGrid): take every node it is shown, however few
+    # (a sampled client's SuperNode may be gone: engine.min_clients decides whether the round goes on).
+    common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1, "min_available_nodes": 1}
     opt = resolve_server_optimizer(a)
     adaptive = {"eta": a.server_lr, "eta_l": a.lr, "tau": a.server_tau, **common}
     if spec.scaffold:

@@ -11,6 +11,8 @@ _REPORT_ORDER = (
     "b3_topology",
     "b4_staleness",
     "b5_heterogeneity",
+    "b6_communication",
+    "personalization",
 )
 EXPERIMENTS = tuple(importlib.import_module(f"{__name__}.{name}") for name in _REPORT_ORDER)
 

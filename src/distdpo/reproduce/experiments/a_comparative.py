@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distdpo.report import Section, Table
+from distdpo.report import Table
 from distdpo.reproduce.findings import Findings
 from distdpo.reproduce.plotting import band_panel, render_figure
 from distdpo.reproduce.results import Results
@@ -20,7 +20,9 @@ FLOOR_REGIME = "minibatch, tail mean of the last half"
 
 ABOUT = (
     "Same data, same step size, same local steps; centralized DPO takes E steps per round on the pooled data with "
-    "batch n·B (as many pairs per step as the federation)."
+    "batch n·B (as many pairs per step as the federation). Every method minimizes the same f, the uniform average "
+    "of the clients' losses (the one DSGD's doubly stochastic gossip minimizes), so their gaps compare on unequal "
+    "clients too."
 )
 
 
@@ -38,7 +40,7 @@ def series_names(num_clients: int) -> list[str]:
 
 def runs(plan: Plan) -> list[Run]:
     scale, n = plan.scale, plan.num_clients
-    minibatch = {"batch_size": scale.batch, "local_steps": scale.local_steps}
+    minibatch = {"batch_size": scale.batch, "local_steps": scale.local_steps, "aggregation": "uniform"}
     engine = plan.engine(scale.dense_eval_every)
     centralized = plan.algorithm(name="centralized", **{**minibatch, "batch_size": scale.batch * n})
     partial = plan.algorithm(name="fedavg", clients_per_round=partial_participation(n), **minibatch)
@@ -94,14 +96,7 @@ def analyse(results: Results) -> Findings:
         fig.suptitle(f"A · {note} · {seeds}", fontsize=9)
 
     def draw_heterogeneity(fig, axes):
-        band_panel(
-            axes[0],
-            results.curves_over_seeds(groups, "heterogeneity"),
-            log=True,
-            ylabel="ζ²(θ̄_t)",
-            legend=True,
-            title=f"ζ² along the run · {note}",
-        )
+        results.panel(axes[0], groups, f"ζ² along the run · {note}", "heterogeneity", "ζ²(θ̄_t)")
 
     comparison = render_figure(
         "a_comparative",
@@ -137,12 +132,7 @@ def analyse(results: Results) -> Findings:
     table = Table(
         ["method", f"tail mean of {results.metric}"], [[name, format_number(v, 4)] for name, v in floors.items()]
     )
-    findings.sections.append(
-        Section(
-            "A. Comparative: centralized vs federated vs decentralized",
-            [ABOUT],
-            [table],
-            [comparison, heterogeneity],
-        )
+    findings.section(
+        "A. Comparative: centralized vs federated vs decentralized", ABOUT, [comparison, heterogeneity], [table]
     )
     return findings

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from distdpo.report import Section
 from distdpo.reproduce.findings import Findings
-from distdpo.reproduce.plotting import band_panel, render_figure, scatter_fit
-from distdpo.reproduce.results import ZERO_REL, Results
+from distdpo.reproduce.plotting import render_figure, scatter_fit
+from distdpo.reproduce.results import Results
 from distdpo.reproduce.runs import Plan, Run
 from distdpo.reproduce.stats import fit_loglog, format_number
 
@@ -43,7 +42,7 @@ def runs(plan: Plan) -> list[Run]:
 def analyse(results: Results) -> Findings:
     findings = Findings(NAME)
     scale = results.scale
-    groups = {local_steps_series(e): results.select(NAME, local_steps_series(e), x=e) for e in scale.local_steps_sweep}
+    groups = results.sweep(NAME, local_steps_series, scale.local_steps_sweep)
     rounds, long_rounds = scale.rounds, scale.rounds * scale.long_factor
     note = results.config_note(next(iter(groups.values()))[0])
     every = results.select(NAME)
@@ -59,14 +58,12 @@ def analyse(results: Results) -> Findings:
         f"full batch, E ≥ 2, floor at round {rounds}",
     )
     if 1 in scale.local_steps_sweep:
-        gradient_descent = [(results.floor(run), results.optimum_level(run)) for run in results.select(NAME, x=1)]
-        findings.claimed(
+        results.claim_no_floor(
+            findings,
             "E = 1 full-batch FedAvg (= gradient descent) has no floor",
-            f"floor = 0 (≤ {ZERO_REL:g}·gap₀)",
-            f"max over seeds {format_number(max(v for v, _ in gradient_descent))} at round {long_rounds}",
-            all(v <= level for v, level in gradient_descent),
+            results.select(NAME, x=1),
             "full batch, longer run",
-            exact=True,
+            when=f" at round {long_rounds}",
         )
     ratios = [
         at_end / at_rounds
@@ -83,32 +80,16 @@ def analyse(results: Results) -> Findings:
         )
 
     def draw(fig, axes):
-        band_panel(
-            axes[0],
-            results.curves_over_seeds(groups, results.metric),
-            log=True,
-            ylabel=results.metric_label,
-            legend=True,
-            title=f"B1 · FedAvg · {note} · {results.seeds_note()}",
-        )
+        results.panel(axes[0], groups, f"B1 · FedAvg · {note} · {results.seeds_note()}")
         axes[0].axvline(rounds, color="k", linestyle=":", linewidth=1)
         scatter_fit(axes[1], x, floors_at_rounds, fit, "floor at round R", "E − 1", results.metric_label)
         no_floor = "; E = 1 has no floor" if scale.exact_gradients else ""
         axes[1].set_title("floor vs E − 1 (log-log)" + no_floor, fontsize=8)
 
-    figure = render_figure(
-        "b1_local_steps",
+    caption = (
         f"B1. FedAvg with E local steps, full participation, {note}; dotted line = R = {rounds} (fit), the run "
-        f"continues to {long_rounds} (the longer run); {results.seeds_note()}.",
-        draw,
-        ncols=2,
+        f"continues to {long_rounds} (the longer run); {results.seeds_note()}."
     )
-    findings.sections.append(
-        Section(
-            "B1. Local steps E",
-            [ABOUT],
-            [],
-            [figure],
-        )
-    )
+    figure = render_figure("b1_local_steps", caption, draw, ncols=2)
+    findings.section("B1. Local steps E", ABOUT, [figure])
     return findings

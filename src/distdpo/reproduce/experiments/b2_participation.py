@@ -6,10 +6,9 @@ import itertools
 
 import numpy as np
 
-from distdpo.report import Section
 from distdpo.reproduce.findings import Findings
-from distdpo.reproduce.plotting import LOG_FLOOR, band_panel, render_figure, scatter_fit
-from distdpo.reproduce.results import ZERO_REL, Results
+from distdpo.reproduce.plotting import LOG_FLOOR, render_figure, scatter_fit
+from distdpo.reproduce.results import Results
 from distdpo.reproduce.runs import Plan, Run
 from distdpo.reproduce.stats import fit_loglog, format_number
 
@@ -43,7 +42,7 @@ def analyse(results: Results) -> Findings:
     findings = Findings(NAME)
     n = results.num_clients
     levels = participation_levels(results.scale, n)
-    groups = {participation_series(s): results.select(NAME, participation_series(s), x=s) for s in levels}
+    groups = results.sweep(NAME, participation_series, levels)
     note = results.config_note(next(iter(groups.values()))[0]) + ", E=1"
     every = results.select(NAME)
     x = np.array([1 / run.x - 1 / n for run in every])
@@ -66,25 +65,16 @@ def analyse(results: Results) -> Findings:
         "full batch, E = 1",
     )
     if n in levels:
-        every_client = [(results.floor(run), results.optimum_level(run)) for run in results.select(NAME, x=n)]
-        findings.claimed(
+        results.claim_no_floor(
+            findings,
             "S = n (every client, exact gradients) has no floor",
-            f"floor(S=n) ≤ {ZERO_REL:g}·gap₀",
-            f"max over seeds {format_number(max(v for v, _ in every_client))}",
-            all(v <= level for v, level in every_client),
+            results.select(NAME, x=n),
             "full batch, E = 1",
-            exact=True,
+            floor="floor(S=n)",
         )
 
     def draw(fig, axes):
-        band_panel(
-            axes[0],
-            results.curves_over_seeds(groups, results.metric),
-            log=True,
-            ylabel=results.metric_label,
-            legend=True,
-            title=f"B2 · FedAvg · {note} · {results.seeds_note()}",
-        )
+        results.panel(axes[0], groups, f"B2 · FedAvg · {note} · {results.seeds_note()}")
         axes[1].scatter([1 / run.x for run in every], np.maximum(floors, LOG_FLOOR), s=18)
         axes[1].set_xlabel("1/S")
         axes[1].set_ylabel("floor (tail mean)")
@@ -94,20 +84,10 @@ def analyse(results: Results) -> Findings:
         scatter_fit(axes[2], x, floors, fit, "floor", "1/S − 1/n", results.metric_label)
         axes[2].set_title("floor vs 1/S − 1/n (log-log)", fontsize=8)
 
-    figure = render_figure(
-        "b2_participation",
+    caption = (
         f"B2. FedAvg sampling S of n = {n} clients per round, {note}; floors are tail means of the last half of the "
-        f"rounds; {results.seeds_note()}.",
-        draw,
-        ncols=3,
-        width=4.4,
+        f"rounds; {results.seeds_note()}."
     )
-    findings.sections.append(
-        Section(
-            "B2. Participation S",
-            [ABOUT],
-            [],
-            [figure],
-        )
-    )
+    figure = render_figure("b2_participation", caption, draw, ncols=3, width=4.4)
+    findings.section("B2. Participation S", ABOUT, [figure])
     return findings

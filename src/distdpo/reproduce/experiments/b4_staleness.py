@@ -7,12 +7,11 @@ import math
 
 import numpy as np
 
-from distdpo.report import Section
 from distdpo.reproduce.findings import Findings
-from distdpo.reproduce.plotting import band_panel, render_figure, scatter_fit
-from distdpo.reproduce.results import ZERO_REL, Results
+from distdpo.reproduce.plotting import render_figure, scatter_fit
+from distdpo.reproduce.results import Results
 from distdpo.reproduce.runs import Plan, Run
-from distdpo.reproduce.stats import fit_loglog, format_number
+from distdpo.reproduce.stats import fit_loglog
 
 NAME = "B4"
 
@@ -50,7 +49,7 @@ def runs(plan: Plan) -> list[Run]:
 def analyse(results: Results) -> Findings:
     findings = Findings(NAME)
     staleness = results.scale.staleness
-    groups = {staleness_series(q): results.select(NAME, staleness_series(q), x=q) for q in staleness}
+    groups = results.sweep(NAME, staleness_series, staleness)
     note = results.config_note(next(iter(groups.values()))[0])
     without_delay = {run.seed: results.floor(run) for run in results.select(NAME, staleness_series(0), x=0)}
     delayed = [run for runs in groups.values() for run in runs if run.x > 0]
@@ -66,40 +65,21 @@ def analyse(results: Results) -> Findings:
         "minibatch" + (f"; {no_excess} point(s) with no excess left out" if no_excess else ""),
     )
     q_max = max(staleness)
-    exact = results.select(NAME, full_batch_series(q_max), x=q_max)
-    findings.claimed(
+    results.claim_no_floor(
+        findings,
         "with exact gradients staleness leaves no floor (a delay does not move the fixed point)",
-        f"floor ≤ {ZERO_REL:g}·gap₀",
-        f"max over seeds {format_number(max(results.floor(run) for run in exact))}",
-        all(results.floor(run) <= results.optimum_level(run) for run in exact),
+        results.select(NAME, full_batch_series(q_max), x=q_max),
         f"full batch, E = 1, q_max = {q_max}",
-        exact=True,
     )
 
     def draw(fig, axes):
-        band_panel(
-            axes[0],
-            results.curves_over_seeds(groups, results.metric),
-            log=True,
-            ylabel=results.metric_label,
-            legend=True,
-            title=f"B4 · FedAvg with staleness · {note} · {results.seeds_note()}",
-        )
+        results.panel(axes[0], groups, f"B4 · FedAvg with staleness · {note} · {results.seeds_note()}")
         scatter_fit(axes[1], x, excess, fit, "floor(q) − floor(0)", "q_max", "excess floor")
 
-    figure = render_figure(
-        "b4_staleness",
+    caption = (
         f"B4. Clients start from the global model of q ~ U{{0..q_max}} rounds ago; {note}; floors are tail means of "
-        f"the last half; {results.seeds_note()}.",
-        draw,
-        ncols=2,
+        f"the last half; {results.seeds_note()}."
     )
-    findings.sections.append(
-        Section(
-            "B4. Staleness q_max",
-            [ABOUT],
-            [],
-            [figure],
-        )
-    )
+    figure = render_figure("b4_staleness", caption, draw, ncols=2)
+    findings.section("B4. Staleness q_max", ABOUT, [figure])
     return findings

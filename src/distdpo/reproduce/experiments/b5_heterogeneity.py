@@ -1,6 +1,7 @@
 """B5. Heterogeneity ζ² swept (FedAvg, FedAvg with sampling, SCAFFOLD, DSGD, gradient tracking), and the number of
-clients swept up to 1,000 (the noise floor vs n with full participation and with S fixed). Synthetic data only: the
-sweeps change the synthetic model's heterogeneity and number of clients."""
+clients swept up to 1,000 (the noise floor vs n with full participation and with S fixed). The dataset says what a
+level is (:attr:`~distdpo.reproduce.datasets.Dataset.heterogeneity_data`, ``clients_data``): the synthetic model's
+heterogeneity and number of users, or the Dirichlet skew and the number of clients of a real data set."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import math
 
 import numpy as np
 
-from distdpo.config import ConfigError
-from distdpo.report import Section, Table
+from distdpo.report import Table
 from distdpo.reproduce.findings import Findings
 from distdpo.reproduce.plotting import band_panel, render_figure, scatter_fit
 from distdpo.reproduce.results import Results
@@ -22,8 +22,7 @@ FEDAVG, SCAFFOLD, DSGD_RING, TRACKING_RING = "FedAvg", "SCAFFOLD", "DSGD ring", 
 FEDAVG_EVERY_CLIENT = "FedAvg full participation"
 
 
-ABOUT_HETEROGENEITY = (
-    "The synthetic users' reward vectors are θ_i = θ★ + s·u_i; sweeping s sweeps ζ², measured at θ★ in each run. "
+ABOUT_CORRECTION = (
     "SCAFFOLD's control variates and gradient tracking's trackers cancel the clients' gradient disagreement, so "
     "their full-batch runs converge to θ★ at every ζ²."
 )
@@ -50,13 +49,11 @@ def clients_series(scale) -> list[str]:
 
 
 def runs(plan: Plan) -> list[Run]:
-    if not plan.dataset.synthetic_model:
-        raise ConfigError(f"experiment B5 sweeps the synthetic model's heterogeneity; {plan.dataset.name} has none")
     scale, full = plan.scale, plan.scale.full
     engine = plan.engine()
     out = []
     for level in scale.heterogeneity:
-        data = {"heterogeneity": level}
+        data = plan.dataset.heterogeneity_data(level)
         sampled = sampled_clients(plan.num_clients)
         drift_local_steps = scale.local_steps + 1
         series_algorithms = [
@@ -77,12 +74,7 @@ def runs(plan: Plan) -> list[Run]:
     every = max(scale.eval_every, 10)
     per_round = scale.clients_sweep_per_round
     for clients in scale.num_clients_sweep:
-        data = {
-            "num_clients": clients,
-            "pairs_per_client": scale.clients_sweep_pairs,
-            "eval_pairs_per_client": 20,
-            "heterogeneity": 1.0,
-        }
+        data = plan.dataset.clients_data(clients, scale)
         every_client = plan.algorithm(name="fedavg", local_steps=1, batch_size=scale.batch)
         sampled = plan.algorithm(
             name="fedavg", local_steps=1, batch_size=scale.batch, clients_per_round=min(clients, per_round)
@@ -122,7 +114,8 @@ def analyse_heterogeneity(results: Results, findings: Findings) -> None:
     series = heterogeneity_series(results.num_clients)
     groups = {name: results.select(NAME, name) for name in series}
     first = groups[FEDAVG][0]
-    note = results.config_note(first).replace(f"ζ-scale={first.table['data']['heterogeneity']}", "ζ-scale swept")
+    level_name = results.dataset.heterogeneity_name
+    note = results.config_note(first).replace(f"ζ-scale={first.table['data'].get('heterogeneity')}", "ζ-scale swept")
     for name, fit_name, claim, regime in [
         (FEDAVG, "B5_fedavg_zeta", "FedAvg drift floor grows with ζ²", f"full batch, E = {scale.local_steps + 1}"),
         (series[1], "B5_partial_zeta", "partial-participation floor ∝ ζ²", "full batch, E = 1"),
@@ -155,7 +148,7 @@ def analyse_heterogeneity(results: Results, findings: Findings) -> None:
         "gradient tracking beats DSGD at high ζ²",
         "floor(GT) < floor(DSGD)",
         f"GT {format_number(float(np.mean(tracking)))} vs DSGD {format_number(float(np.mean(dsgd)))} "
-        f"at ζ-scale {top:g}",
+        f"at {level_name} {top:g}",
         np.mean(tracking) < np.mean(dsgd),
         "full batch, ring",
     )
@@ -179,24 +172,16 @@ def analyse_heterogeneity(results: Results, findings: Findings) -> None:
             results.curves_over_seeds(at_top, results.metric),
             log=True,
             ylabel=results.metric_label,
-            title=f"runs at ζ-scale {top:g}",
+            title=f"runs at {level_name} {top:g}",
         )
 
-    figure = render_figure(
-        "b5_heterogeneity",
+    caption = (
         f"B5. Floors vs measured ζ² for FedAvg (E = {scale.local_steps + 1}), FedAvg with partial participation "
-        f"(E = 1), SCAFFOLD, DSGD and gradient tracking on a ring; full batch; {note}; {seeds}.",
-        draw,
-        ncols=2,
+        f"(E = 1), SCAFFOLD, DSGD and gradient tracking on a ring; full batch; {note}; {seeds}."
     )
-    findings.sections.append(
-        Section(
-            "B5. Heterogeneity and drift correction",
-            [ABOUT_HETEROGENEITY],
-            [],
-            [figure],
-        )
-    )
+    figure = render_figure("b5_heterogeneity", caption, draw, ncols=2)
+    about = results.dataset.heterogeneity_about + ABOUT_CORRECTION
+    findings.section("B5. Heterogeneity and drift correction", about, [figure])
 
 
 def milliseconds_per_round(runs: list[Run]) -> float:
@@ -256,21 +241,13 @@ def analyse_num_clients(results: Results, findings: Findings) -> None:
         axes[1].grid(True, alpha=0.3, which="both")
         axes[1].legend(fontsize=7)
 
-    figure = render_figure(
-        "b5_num_clients",
+    caption = (
         f"B5. FedAvg with up to {max(scale.num_clients_sweep)} clients: floor vs n with full participation and with "
-        f"S fixed, and simulator time per round; {note}; {seeds}.",
-        draw,
-        ncols=2,
+        f"S fixed, and simulator time per round; {note}; {seeds}."
     )
-    findings.sections.append(
-        Section(
-            "B5. Number of clients",
-            [ABOUT_NUM_CLIENTS],
-            [Table(["method", "n", "floor (tail mean)", "ms / round"], rows)],
-            [figure],
-        )
-    )
+    figure = render_figure("b5_num_clients", caption, draw, ncols=2)
+    table = Table(["method", "n", "floor (tail mean)", "ms / round"], rows)
+    findings.section("B5. Number of clients", ABOUT_NUM_CLIENTS, [figure], [table])
 
 
 def analyse(results: Results) -> Findings:
