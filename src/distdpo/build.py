@@ -222,6 +222,7 @@ def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights:
         prox_mu=a.mu if spec.prox else 0.0,
         scaffold=spec.scaffold,
         uplink=uplink,
+        lora_aggregation=a.lora_aggregation,
         **common,
     )
 
@@ -258,6 +259,7 @@ def build_text_task(cfg: Config, split=None, client_sizes: list[int] | None = No
         device=device(cfg),
         seed=cfg.seed,
         reference=load_reference(p.reference_model, tokenizer) if p.reference_model else None,
+        freeze_a=cfg.algorithm.lora_aggregation == "freeze_a",
     )
     task = TextTask(
         policy,

@@ -27,6 +27,7 @@ COLUMNS = [
     "consensus_distance_before_gossip",
     "consensus_distance_after_gossip",
     "client_drift",
+    "lora_aggregation_error",
     "heterogeneity",
     "pref_accuracy",
     "pref_accuracy_worst",

@@ -11,6 +11,7 @@ import torch
 
 from distdpo.algorithms.base import Communicator, local_steps
 from distdpo.algorithms.compression import Uplink
+from distdpo.algorithms.lora import aggregate_lora
 from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
 from distdpo.tasks.base import Task
 
@@ -47,7 +48,8 @@ class Federated:
     rounds ago), runs K local steps, and sends Δ_i = θ_i,K − θ_i,0; the server
     averages the Δ_i (weights p_i ∝ |D_i| or uniform, renormalized over S) and
     applies the average with its optimizer. With an ``uplink`` the Δ_i travel compressed (with the sender's
-    error feedback, :class:`~distdpo.algorithms.compression.Uplink`).
+    error feedback, :class:`~distdpo.algorithms.compression.Uplink`). A task with LoRA (``task.lora_layout()``)
+    aggregates its adapters as ``lora_aggregation`` says (:mod:`distdpo.algorithms.lora`).
     """
 
     kind = "federated"
@@ -68,6 +70,7 @@ class Federated:
         scaffold: bool = False,
         uplink: Uplink | None = None,
         keep_optimizer_state: bool = False,
+        lora_aggregation: str = "factors",
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
     ):
@@ -85,6 +88,9 @@ class Federated:
             self.c_local = torch.zeros(len(comm.local_nodes), self.theta.numel(), dtype=dtype, device=self.theta.device)
         self.itemsize = self.theta.element_size()
         self.uplink = uplink
+        layout = getattr(task, "lora_layout", None)
+        self.lora = layout() if callable(layout) else None
+        self.lora_mode = lora_aggregation
         local = self.theta.expand(len(comm.local_nodes), -1)
         self.opt_state = optimizer.init_state(local, per_row=True) if keep_optimizer_state else None
 
@@ -156,12 +162,21 @@ class Federated:
                 self.opt_state[k][rows] = v
         delta = X - start
         p = self.weights[sampled]
+        sent = None  # every sampled client's update, where this engine part has them
         if self.uplink is None:
             update = self.comm.aggregate(delta, (p / p.sum())[is_local])
         else:  # every engine part receives every sampled client's payload and sums the decoded updates alike
-            update = (p / p.sum()).to(delta) @ self.uplink.send(delta, nodes, rows, sampled)
+            sent = self.uplink.send(delta, nodes, rows, sampled)
+            update = (p / p.sum()).to(delta) @ sent
         n_s = len(sampled)
         stats = {"client_drift": float(self.comm.aggregate(drift[:, None], torch.full_like(drift, 1 / n_s))[0])}
+        if self.lora:  # the factors of θ + Δ_i (each client's end when it started from θ)
+            sent = self.comm.gather_rows(delta, sampled) if sent is None else sent
+            merged, stats["lora_aggregation_error"] = aggregate_lora(
+                self.theta + sent, p / p.sum(), self.lora, self.lora_mode
+            )
+            if self.lora_mode == "product":
+                update = merged - self.theta
         if self.scaffold:
             # c tracks Σ p_i c_i
             new_c = scaffold_controls(self.c, self.c_local[rows], start, X, self.K, self.optimizer.lr)

@@ -3,7 +3,8 @@
 With LoRA (``lora_r > 0``) the trainable part is the `peft` adapter and the
 reference policy is the same model with the adapter disabled; with full
 fine-tuning it is every weight and the reference is a frozen copy; a separate
-reference model (``policy.reference_model``) replaces either. Engines only ever
+reference model (``policy.reference_model``) replaces either. With ``freeze_a`` the adapter's A matrices stay at
+their seeded initialisation and only the B's are trainable (FFA-LoRA). Engines only ever
 see the flat vector: that is what nodes hold, average and send.
 """
 
@@ -55,6 +56,7 @@ class CausalLMPolicy:
         device: torch.device | str = "cpu",
         seed: int = 0,
         reference=None,
+        freeze_a: bool = False,
     ):
         """``reference``: a model (sharing ``tokenizer``) whose log-probs are the reference's, instead of the
         policy's own starting model."""
@@ -84,6 +86,10 @@ class CausalLMPolicy:
                 torch.manual_seed(seed)
                 self.model = get_peft_model(model, config)
             self.model.eval()
+            if freeze_a:  # left out of the flat vector: never trained, averaged or sent
+                for name, p in self.model.named_parameters():
+                    if ".lora_A." in name:
+                        p.requires_grad_(False)
             self.reference_model = None
         else:
             self.model = model

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from distdpo.algorithms.lora import lora_layout
 from distdpo.fingerprint import digest
 from distdpo.io import cache_dir, write_bytes_atomic
 from distdpo.lm.logprobs import TokenizedPairs, pack
@@ -92,6 +93,10 @@ class TextTask:
 
     def initial_params(self) -> torch.Tensor:
         return self._initial.clone()
+
+    def lora_layout(self):
+        """Where the adapter's A and B lie in the flat vector (None without LoRA)."""
+        return lora_layout(self.policy.model) if self.policy.lora else None
 
     def sample_batch(self, generator: torch.Generator, batch_size: int | None) -> Batch:
         n, N = self.weight.shape
