@@ -66,6 +66,12 @@ def gradient(reports: list[ClientReport], weights: torch.Tensor) -> torch.Tensor
     return weights.to(torch.float64) @ grads
 
 
+def mean_grad_noise(values) -> float:
+    """σ²: the mean of the clients' one-pair gradient variances (None: a client with fewer than 2 pairs)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
 class FederatedTask:
     """A task whose clients' data is spread over processes (one per site or rank), measured where the data is.
 
@@ -102,8 +108,7 @@ class FederatedTask:
         return gradient(self._reports(theta), weights)
 
     def grad_noise(self, theta: torch.Tensor) -> float:
-        values = [v for part in self.gather(self.task.client_grad_noise(theta)) for v in part.values() if v is not None]
-        return sum(values) / len(values) if values else float("nan")
+        return mean_grad_noise(v for part in self.gather(self.task.client_grad_noise(theta)) for v in part.values())
 
 
-__all__ = ["HELD_OUT_SUMS", "ClientReport", "FederatedTask", "combine", "gradient"]
+__all__ = ["HELD_OUT_SUMS", "ClientReport", "FederatedTask", "combine", "gradient", "mean_grad_noise"]

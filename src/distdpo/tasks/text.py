@@ -9,22 +9,20 @@ when ``precompute_reference`` is set).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
 
 from distdpo.algorithms.lora import lora_layout
 from distdpo.fingerprint import digest
-from distdpo.io import cache_dir, write_bytes_atomic
 from distdpo.lm.logprobs import TokenizedPairs, pack
 from distdpo.lm.policy import CausalLMPolicy
 from distdpo.losses import dpo_loss, margin_loss
 from distdpo.tasks.base import Batch
-from distdpo.tasks.evaluation import HELD_OUT_SUMS, ClientReport, combine, gradient
+from distdpo.tasks.evaluation import HELD_OUT_SUMS, ClientReport, combine, gradient, mean_grad_noise
+from distdpo.tasks.reference import ReferenceLogps
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +46,12 @@ class TextTask:
         loss_pairs_per_client: int = 16,
         eval_chunk: int = 16,
         pair_weight: list[np.ndarray] | None = None,
-        reference: torch.Tensor | None = None,
+        reference: ReferenceLogps | None = None,
         initial: torch.Tensor | None = None,
         client_sizes: list[int] | None = None,
     ):
-        """``client_sizes``: every client's training-pair count when this process holds only some clients' data
-        (the others' ``train`` and ``eval`` are empty): minibatches are still drawn for all n clients, so every
-        process draws the numbers the simulator draws."""
+        # client_sizes: every client's training-pair count when this process holds only some clients' data (the
+        # others' train/eval are empty): batches are drawn for all n clients, as the simulator draws them.
         self.policy, self.pairs = policy, pairs
         self.device = policy.device
         self.data_stats: dict = {}  # what loading dropped, skipped and truncated (set by the builder)
@@ -81,7 +78,7 @@ class TextTask:
                 raise ValueError(f"client {self.client_names[i]!r}: {len(self.train[i])} training pairs, not {size}")
         self.weight = weight
         # Reference log-probs per pair, filled on first use (a task built from another shares its tensor).
-        self._ref = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64) if reference is None else reference
+        self._reference = ReferenceLogps(policy, pairs, eval_chunk) if reference is None else reference
         # IPO on sequences uses per-token mean log-probs (as TRL and the IPO paper's LM use); the others use sums.
         self._lengths = None  # completion token counts, [len(pairs), 2]: IPO only
         if loss_type == "ipo":
@@ -158,7 +155,7 @@ class TextTask:
             loss_pairs_per_client=self.loss_pairs_per_client,
             eval_chunk=self.eval_chunk,
             pair_weight=[np.concatenate(w)],
-            reference=self._ref,
+            reference=self._reference,
             initial=self._initial,
         )
 
@@ -174,31 +171,11 @@ class TextTask:
 
     def reference(self, ids: torch.Tensor) -> torch.Tensor:
         """[len(ids), 2] reference log-probs of (chosen, rejected), computed once per pair."""
-        missing = ids[torch.isnan(self._ref[ids, 0])].unique()
-        for start in range(0, len(missing), self.eval_chunk):
-            chunk = missing[start : start + self.eval_chunk]
-            w, l = self.policy.reference_logps(
-                pack(self.pairs, chunk.tolist(), self.policy.pad_id).to(self.policy.device)
-            )
-            self._ref[chunk, 0], self._ref[chunk, 1] = w.double().cpu(), l.double().cpu()
-        return self._ref[ids]
+        return self._reference(ids)
 
     def precompute_reference(self) -> str:
         """Reference log-probs of every pair, from the disk cache keyed by model and data when present."""
-        h = hashlib.sha256(self.policy.fingerprint().encode())
-        for seq in (self.pairs.prompt, self.pairs.chosen, self.pairs.rejected):
-            for t in seq:
-                h.update(t.numpy().tobytes())
-                h.update(b"|")
-        path = cache_dir() / "reference_logps" / f"{h.hexdigest()[:24]}.safetensors"
-        if path.exists():
-            cached = load_file(str(path))["logps"]
-            if cached.shape == self._ref.shape:
-                self._ref = cached
-                return f"loaded from {path}"
-        self.reference(torch.arange(len(self.pairs)))
-        write_bytes_atomic(path, save({"logps": self._ref.contiguous()}))
-        return f"computed and cached at {path}"
+        return self._reference.precompute()
 
     # ---- measurement -------------------------------------------------------------------
 
@@ -231,25 +208,24 @@ class TextTask:
         self._tokens, self._seconds = 0, 0.0
         return reports
 
-    def _every_client(self) -> None:
+    def _every_clients_reports(self, theta: torch.Tensor) -> list[ClientReport]:
         if len(self.held) < self.num_clients:
             raise RuntimeError(
                 f"this process holds {len(self.held)} of {self.num_clients} clients' data: evaluate with every "
                 "site's client_reports (federated evaluation)"
             )
+        return self.client_reports(theta)
 
     def held_out_sizes(self) -> list[int]:
         return [len(e) for e in self.eval]
 
     def full_gradient(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """∇f(θ) = Σ_i p_i ∇f_i(θ) on the fixed loss pairs, the gradient that :meth:`evaluate` reports."""
-        self._every_client()
-        return gradient(self.client_reports(theta), weights)
+        return gradient(self._every_clients_reports(theta), weights)
 
     def evaluate(self, theta: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
         """Global/per-client DPO loss and gradient on a fixed training subsample; held-out accuracies."""
-        self._every_client()
-        return combine(self.client_reports(theta), weights, self.client_names)
+        return combine(self._every_clients_reports(theta), weights, self.client_names)
 
     @torch.no_grad()
     def _held_out_sums(self, theta: torch.Tensor, client: int) -> dict:
@@ -281,8 +257,7 @@ class TextTask:
 
     def grad_noise(self, theta: torch.Tensor, pairs_per_client: int = 4) -> float:
         """σ²: the mean over clients of :meth:`client_grad_noise` (clients with too few pairs left out)."""
-        values = [v for v in self.client_grad_noise(theta, pairs_per_client).values() if v is not None]
-        return sum(values) / len(values) if values else float("nan")
+        return mean_grad_noise(self.client_grad_noise(theta, pairs_per_client).values())
 
     def client_grad_noise(self, theta: torch.Tensor, pairs_per_client: int = 4) -> dict[int, float | None]:
         """Each held client's variance of one-pair gradients over its first few training pairs (None: < 2 pairs)."""
