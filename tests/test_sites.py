@@ -171,3 +171,10 @@ def test_torchrun_ranks_read_only_their_sites_and_match_the_simulator(sites, tmp
             run["data_stats"]["train_pairs"]
             == expected["runs"][next(iter(expected["runs"]))]["data_stats"]["train_pairs"]
         )
+
+
+def test_init_model_refuses_an_empty_vocabulary(tmp_path):
+    (tmp_path / "text.txt").write_text("hello world\nfoo bar\n")
+    args = ["init-model", "builtin:gpt2-tiny", "--tokenizer-text", str(tmp_path / "text.txt")]
+    assert main([*args, "--out", str(tmp_path / "model"), "--vocab-size", "0"]) == 2
+    assert not (tmp_path / "model").exists()

@@ -178,6 +178,8 @@ def warnings_for(cfg: Config, task) -> list[str]:
 
 def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights: torch.Tensor):
     """The algorithm object of ``cfg.algorithm.name``, as its entry in ``config.ALGORITHM_SPECS`` describes it."""
+    from distdpo import metrics  # (it imports this module)
+
     a = cfg.algorithm
     spec = ALGORITHM_SPECS[a.name]
     opt = ClientOptimizer(a.optimizer, a.lr, a.weight_decay)
@@ -223,6 +225,7 @@ def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights:
         scaffold=spec.scaffold,
         uplink=uplink,
         lora_aggregation=a.lora_aggregation,
+        measured=lambda r: metrics.evaluated(cfg, r),
         **common,
     )
 

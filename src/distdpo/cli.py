@@ -70,6 +70,8 @@ def _cmd_init_model(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.model!r} is not a built-in model; expected one of {', '.join('builtin:' + k for k in BUILTIN)}"
         )
+    if args.vocab_size < 1:
+        raise ConfigError(f"--vocab-size must be a positive number of tokens, got {args.vocab_size}")
     try:
         texts = tokenizer_texts(args.tokenizer_text)
     except FileNotFoundError:

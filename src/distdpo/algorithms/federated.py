@@ -7,6 +7,8 @@ in the server optimizer applied to the aggregated update.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from distdpo.algorithms.base import Communicator, local_steps
@@ -71,6 +73,7 @@ class Federated:
         uplink: Uplink | None = None,
         keep_optimizer_state: bool = False,
         lora_aggregation: str = "factors",
+        measured: Callable[[int], bool] | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
     ):
@@ -91,6 +94,8 @@ class Federated:
         layout = getattr(task, "lora_layout", None)
         self.lora = layout() if callable(layout) else None
         self.lora_mode = lora_aggregation
+        # Which rounds (1-based) get a metric row: only they need lora_aggregation_error (None: every round).
+        self.measured = measured or (lambda r: True)
         local = self.theta.expand(len(comm.local_nodes), -1)
         self.opt_state = optimizer.init_state(local, per_row=True) if keep_optimizer_state else None
 
@@ -170,7 +175,9 @@ class Federated:
             update = (p / p.sum()).to(delta) @ sent
         n_s = len(sampled)
         stats = {"client_drift": float(self.comm.aggregate(drift[:, None], torch.full_like(drift, 1 / n_s))[0])}
-        if self.lora:  # the factors of θ + Δ_i (each client's end when it started from θ)
+        # The factors of θ + Δ_i (each client's end when it started from θ): "product" aggregates them; the other
+        # modes only report their error, on rounds that are recorded (it gathers every client's update).
+        if self.lora and (self.lora_mode == "product" or self.measured(round_index + 1)):
             sent = self.comm.gather_rows(delta, sampled) if sent is None else sent
             merged, stats["lora_aggregation_error"] = aggregate_lora(
                 self.theta + sent, p / p.sum(), self.lora, self.lora_mode

@@ -18,7 +18,7 @@ from distdpo import build
 from distdpo.config import Config
 from distdpo.engines.flower import common as wire
 from distdpo.fingerprint import digest
-from distdpo.tasks.evaluation import HELD_OUT_SUMS, ClientReport, combine, gradient
+from distdpo.tasks.evaluation import HELD_OUT_SUMS, ClientReport, combine, gradient, mean_grad_noise
 
 SIZES, NAMES = "client-sizes", "client-names"  # every site's training-pair count and name, sent by the server
 MEASURE = "measure"  # what an evaluate message asks for: "reports" or "grad-noise"
@@ -83,7 +83,7 @@ def site_task(text: str, cfg: Config, node_config, pid: int, sizes: list[int], n
 def measure(task, theta: torch.Tensor, what: str) -> RecordDict:
     """This site's answer to an evaluate message: its client's report, or its gradient noise."""
     if what == "grad-noise":
-        noise = [v for v in task.client_grad_noise(theta).values() if v is not None]
+        noise = [v for v in task.client_grad_noise(theta).values() if v is not None]  # (a MetricRecord holds no None)
         return RecordDict({"metrics": MetricRecord({"grad-noise": noise})})
     (r,) = task.client_reports(theta)
     scalars = {"client": r.client, "loss": r.loss, "held-out": r.held_out, "correct": r.correct}
@@ -164,8 +164,7 @@ class RemoteSites:
         return gradient([_report(c) for c in self._ask(theta, "reports")], weights)
 
     def grad_noise(self, theta: torch.Tensor) -> float:
-        values = [float(v) for c in self._ask(theta, "grad-noise") for v in c["metrics"]["grad-noise"]]
-        return sum(values) / len(values) if values else float("nan")
+        return mean_grad_noise(float(v) for c in self._ask(theta, "grad-noise") for v in c["metrics"]["grad-noise"])
 
 
 __all__ = ["RemoteSites", "measure", "site_info", "site_task"]
