@@ -97,10 +97,13 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fedavg", "scaffold"])
-def test_causal_lm_in_flower_matches_simulator(name):
+@pytest.mark.parametrize(
+    "name, lora", [("fedavg", "factors"), ("scaffold", "factors"), ("fedavg", "freeze_a"), ("fedavg", "product")]
+)
+def test_causal_lm_in_flower_matches_simulator(name, lora):
     """A LoRA-adapted built-in GPT-2 on 3 clients' text pairs: only the adapter travels (θ is the trainable
-    parameters), and Flower's run is the simulator's within float32 reordering."""
+    parameters: B alone with freeze_a), and Flower's run is the simulator's within float32 reordering, the
+    server's re-factoring of the replies (product) and lora_aggregation_error included."""
     from distdpo.config import from_dict
 
     cfg = from_dict(
@@ -109,7 +112,8 @@ def test_causal_lm_in_flower_matches_simulator(name):
             | {"max_pairs": 36, "eval_fraction": 0.2, "loss_pairs_per_client": 2},
             "policy": {"kind": "causal_lm", "model": "builtin:gpt2-tiny", "max_length": 64, "lora_r": 2}
             | {"tokenizer_vocab_size": 300},
-            "algorithm": {"name": name, "rounds": 2, "local_steps": 2, "batch_size": 2, "lr": 0.05},
+            "algorithm": {"name": name, "rounds": 2, "local_steps": 2, "batch_size": 2, "lr": 0.05}
+            | {"lora_aggregation": lora},
             "engine": {"progress": False, "flower_cpus": 2},
         }
     )
@@ -121,6 +125,9 @@ def test_causal_lm_in_flower_matches_simulator(name):
     sim_rows, _ = run_one(cfg, "run", cache, progress=False)
     fl_rows, _ = run_one(_flower(cfg), "run", Cache(), progress=False)
     _assert_same(sim_rows, fl_rows, rel=1e-4)
+    for sim, fl in zip(sim_rows[1:], fl_rows[1:]):  # a ratio of factor differences: float32's ~1e-7, amplified
+        error = fl["lora_aggregation_error"]
+        assert error <= 1e-6 if lora == "freeze_a" else error == pytest.approx(sim["lora_aggregation_error"], rel=1e-3)
     assert fl_rows[-1]["bytes_communicated"] == sim_rows[-1]["bytes_communicated"]
 
 

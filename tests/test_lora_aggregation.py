@@ -164,10 +164,12 @@ def test_non_default_modes_are_refused_without_a_lora_policy():
     [
         ("freeze_a", {"policy.lora_r": 0}),
         ("product", {"algorithm.name": "dsgd"}),
-        ("freeze_a", {"engine.name": "flower"}),
+        ("product", {"engine.name": "flower", "engine.secure_aggregation": True}),
+        ("product", {"engine.name": "flower", "algorithm.name": "scaffold"}),
+        ("product", {"engine.name": "flower", "algorithm.server_lr": 0.5}),
     ],
 )
-def test_non_default_modes_need_lora_a_server_and_no_flower(mode, changes):
+def test_non_default_modes_need_lora_a_server_and_flower_replies_it_can_see(mode, changes):
     cfg = Config()
     cfg.policy.kind, cfg.algorithm.lora_aggregation = "causal_lm", mode
     check_lora_aggregation(cfg)  # a LoRA causal LM with fedavg: fine
@@ -176,3 +178,23 @@ def test_non_default_modes_need_lora_a_server_and_no_flower(mode, changes):
         setattr(getattr(cfg, section), name, value)
     with pytest.raises(ConfigError, match="lora_aggregation"):
         check_lora_aggregation(cfg)
+
+
+def test_a_sweep_over_modes_builds_freeze_a_its_own_task(tmp_path):
+    # A shared cache (a sweep, the reproduce suite) must not hand freeze_a the task whose vector holds A.
+    from test_export import tiny_lm_table, write_arithmetic_pairs
+
+    from distdpo.config import from_dict
+    from distdpo.experiment import Cache, run_one
+
+    data = tmp_path / "pairs.jsonl"
+    write_arithmetic_pairs(data)
+    cache, errors = Cache(), {}
+    for mode in ("factors", "freeze_a"):
+        table = tiny_lm_table(data)
+        table["algorithm"].update(rounds=1, lora_aggregation=mode)
+        rows, summary = run_one(from_dict(table), mode, cache, progress=False)
+        errors[mode] = rows[-1]["lora_aggregation_error"]
+        if mode == "freeze_a":
+            assert summary["num_params"] == b_numel(cache.task(from_dict(table)).policy)
+    assert errors["freeze_a"] <= 1e-6 < errors["factors"]

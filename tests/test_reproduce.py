@@ -247,3 +247,40 @@ def test_asking_for_runs_that_do_not_exist_raises():
         results.select("B4", "full batch q_max=5")
     with pytest.raises(MissingRuns, match="it has none"):
         results.select("B2")
+
+
+def test_lora_b6_plans_every_mode_at_every_skew_and_reads_its_claims_from_the_rows(tmp_path):
+    # The LM suites' B6: the plan's configs validate, and the analysis decides its claims from the runs' rows
+    # (constructed here: factor averaging's round-1 error rising with the skew, freeze_a's at rounding level).
+    from distdpo.config import from_dict
+    from distdpo.reproduce.experiments import b6_communication, b6_lora
+    from distdpo.reproduce.results import Results
+    from distdpo.reproduce.runs import Plan
+
+    dataset = DATASETS["hh-rlhf"]
+    plan = Plan(dataset, quick=True, seeds=2)
+    planned = b6_communication.runs(plan)
+    skews = plan.scale.lora_skews
+    assert len(planned) == len(skews) * len(b6_lora.MODES) * 2
+    for run in planned:
+        cfg = from_dict(run.table)
+        assert cfg.data.dirichlet_alpha == pytest.approx(1 / run.x) and cfg.algorithm.aggregation == "uniform"
+    level = {"factors": 0.1, "freeze_a": 1e-15, "product": 0.03}
+    for run in planned:
+        mode = run.key.series.removeprefix("LoRA ")
+        growth = run.x**0.3 * (1 + 0.05 * run.seed)  # the error at round 1 grows with the skew, then decays
+        run.rows = [
+            {"round": t, "lora_aggregation_error": level[mode] * growth / t if t else math.nan, "global_loss": 0.69}
+            for t in range(4)
+        ]
+    results = Results(dataset, plan.scale, plan.base, 2, planned, Cache())
+    findings = b6_communication.analyse(results)
+    verdicts = {claim.claim: claim.verdict for claim in findings.claims}
+    assert list(verdicts.values()) == [Verdict.HOLDS] * 3, verdicts
+    assert findings.fits["B6_lora_error_vs_skew"]["slope"] == pytest.approx(0.3, abs=0.05)
+    for run in planned:  # factor averaging now falls with the skew: the trend claim must say so
+        if run.key.series == "LoRA factors":
+            for row in run.rows[1:]:
+                row["lora_aggregation_error"] *= run.x**-0.6
+    verdicts = [claim.verdict for claim in b6_communication.analyse(results).claims]
+    assert verdicts[2] == Verdict.DOES_NOT_HOLD

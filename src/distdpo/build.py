@@ -11,8 +11,16 @@ from distdpo.algorithms.compression import Compressor, Uplink, resolve_feedback
 from distdpo.algorithms.decentralized import Decentralized
 from distdpo.algorithms.federated import Federated
 from distdpo.algorithms.gossip import CompressedGossip
+from distdpo.algorithms.lora import client_ranks, rank_masks
 from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
-from distdpo.config import ALGORITHM_SPECS, DECENTRALIZED, Config, ConfigError, resolve_server_optimizer
+from distdpo.config import (
+    ALGORITHM_SPECS,
+    DECENTRALIZED,
+    Config,
+    ConfigError,
+    max_lora_rank,
+    resolve_server_optimizer,
+)
 from distdpo.data.synthetic import make_synthetic
 from distdpo.policies import LogLinearPolicy, MLPPolicy
 from distdpo.tasks.features import FeatureTask
@@ -32,13 +40,15 @@ def device(cfg: Config) -> torch.device:
 
 
 def task_key(cfg: Config) -> tuple:
-    """Runs whose configs share this key share the same task (data, policy, loss)."""
+    """Runs whose configs share this key share the same task (data, policy, loss). ``freeze_a`` is part of it: it
+    takes the LoRA A matrices out of the policy's trainable vector."""
     return (
         cfg.seed,
         json.dumps(vars(cfg.data), sort_keys=True),
         json.dumps(vars(cfg.policy), sort_keys=True),
         cfg.engine.dtype,
         cfg.engine.device,
+        cfg.algorithm.lora_aggregation == "freeze_a",
     )
 
 
@@ -225,6 +235,7 @@ def build_algorithm(cfg: Config, task, comm, topology: Topology | None, weights:
         scaffold=spec.scaffold,
         uplink=uplink,
         lora_aggregation=a.lora_aggregation,
+        rank_masks=lora_rank_masks(cfg, task),
         measured=lambda r: metrics.evaluated(cfg, r),
         **common,
     )
@@ -255,7 +266,7 @@ def build_text_task(cfg: Config, split=None, client_sizes: list[int] | None = No
     policy = CausalLMPolicy(
         model,
         tokenizer,
-        lora_r=p.lora_r,
+        lora_r=max_lora_rank(p.lora_r),
         lora_alpha=p.lora_alpha,
         lora_dropout=p.lora_dropout,
         target_modules=p.lora_target_modules or None,
@@ -281,6 +292,19 @@ def build_text_task(cfg: Config, split=None, client_sizes: list[int] | None = No
     if p.precompute_reference:
         task.data_stats["reference_logps"] = task.precompute_reference()
     return task
+
+
+def client_lora_ranks(cfg: Config, task) -> list[int] | None:
+    """Each client's LoRA rank when ``policy.lora_r`` gives them different ranks (None: one rank for all)."""
+    if cfg.policy.kind != "causal_lm":
+        return None
+    return client_ranks(cfg.policy.lora_r, task.client_sizes.tolist())
+
+
+def lora_rank_masks(cfg: Config, task) -> torch.Tensor | None:
+    """The entries of the flat vector each client's adapter holds (:func:`distdpo.algorithms.lora.rank_masks`)."""
+    ranks = client_lora_ranks(cfg, task)
+    return None if ranks is None else rank_masks(task.lora_layout(), task.num_params, ranks)
 
 
 def text_split(cfg: Config):

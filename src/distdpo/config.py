@@ -86,6 +86,31 @@ TEXT_FEATURES = ("hashed", "lm")  # = distdpo.data.text_features.FEATURE_KINDS
 COMPRESSORS = ("none", "topk", "randk", "int8", "qsgd")  # the forms distdpo.algorithms.compression encodes
 
 
+def lora_rank_spec(key: str, value: Any) -> int | list[int] | str:
+    """``policy.lora_r``: one rank for every client, a list of ranks (one per client), or ``"by_size:MIN-MAX"``."""
+
+    def rank(v: Any, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if rank(value, 0) or (isinstance(value, list) and value and all(rank(v, 1) for v in value)):
+        return value
+    text = value if isinstance(value, str) else ""
+    low, dash, high = text.removeprefix("by_size:").partition("-")
+    if text.startswith("by_size:") and dash and low.isdigit() and high.isdigit() and 0 < int(low) <= int(high):
+        return value
+    raise ConfigError(
+        f'{key} must be a non-negative integer, a list of positive integers (one rank per client) or "by_size:MIN-MAX" '
+        f"(1 ≤ MIN ≤ MAX), got {value!r}"
+    )
+
+
+def max_lora_rank(lora_r: int | list[int] | str) -> int:
+    """The largest rank of ``policy.lora_r``: the rank of the shared adapter every client's lies inside."""
+    if isinstance(lora_r, int):
+        return lora_r
+    return max(lora_r) if isinstance(lora_r, list) else int(lora_r.rpartition("-")[2])
+
+
 def option(
     default: Any,
     doc: str,
@@ -96,12 +121,14 @@ def option(
     lt: float | None = None,
     or_values: tuple = (),
     engine: str | None = None,
+    parse=None,
 ):
     """A config key: its default, a one-line doc and the values it accepts, as a dataclass field.
 
     ``choices``: the allowed values; ``gt`` / ``ge`` / ``lt``: bounds (``gt=0`` positive, ``ge=0``
     non-negative, ``lt=1`` below 1); floats must also be finite. ``or_values``: values accepted besides
     numbers within the bounds (``"full"`` for a batch size). ``engine``: the only engine that reads the key.
+    ``parse``: a key of several forms checks its value with ``parse(key, value)`` instead.
     """
     meta = {
         "doc": doc,
@@ -112,6 +139,7 @@ def option(
         "lt": lt,
         "or_values": tuple(or_values),
         "engine": engine,
+        "parse": parse,
     }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -171,7 +199,11 @@ class PolicyConfig:
     )
     reference_model: str = option("", "the reference policy: local path, hub id or export ('' = the policy's base)")
     max_length: int = option(256, "tokens of prompt + completion", gt=0)
-    lora_r: int = option(8, "LoRA rank (0 = full fine-tuning)", ge=0)
+    lora_r: int | list | str = option(
+        8,
+        'LoRA rank (0 = full fine-tuning); per client: a list, or "by_size:MIN-MAX" (∝ client size)',
+        parse=lora_rank_spec,
+    )
     lora_alpha: float = option(16.0, "LoRA scaling", gt=0)
     lora_dropout: float = option(0.0, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list = option(  # noqa: RUF009 (option gives a list a default_factory)
@@ -316,6 +348,8 @@ def _bound_words(spec: Mapping) -> list[str]:
 
 def _coerce(key: str, value: Any, spec: Mapping) -> Any:
     """Check ``value`` against the metadata ``spec`` of key ``key`` (see :func:`option`); return it as stored."""
+    if spec["parse"] is not None:
+        return spec["parse"](key, value)
     alternatives = spec["or_values"]
     if not alternatives:
         return _check(key, value, spec)

@@ -161,6 +161,9 @@ class Recorder:
         gap = personalization_gap(self.task, final_theta)
         if gap is not None:
             out["personalization_gap"] = gap  # each client's own optimum vs the shared model, held out
+        ranks = build.client_lora_ranks(self.cfg, self.task)
+        if ranks is not None:
+            out["lora_ranks"] = dict(zip(map(str, self.task.client_names), ranks))
         if self.task.data_stats:
             out["data_stats"] = self.task.data_stats  # dropped / skipped / truncated counts of text data
         if self.topology is not None:

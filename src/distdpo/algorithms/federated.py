@@ -25,14 +25,12 @@ def sample_clients(generator: torch.Generator, num_clients: int, clients_per_rou
     return torch.randperm(num_clients, generator=generator)[:clients_per_round].sort().values
 
 
-def federated_round_bytes(
-    num_sampled: int, num_params: int, itemsize: int, scaffold: bool, upload: int | None = None
-) -> int:
+def federated_round_bytes(num_params: list[int], itemsize: int, scaffold: bool, upload: int | None = None) -> int:
     """Bytes one federated round sends: the model down and the update up (``upload`` bytes if compressed) per
-    sampled client; SCAFFOLD adds one vector down (c, or c − c_i) and none up, since c_i's change
-    (θ − θ_i,K)/(Kη) − c follows from what came up."""
-    dense = num_params * itemsize
-    return num_sampled * ((2 if scaffold else 1) * dense + (dense if upload is None else upload))
+    sampled client, who holds ``num_params[i]`` parameters; SCAFFOLD adds one vector down (c, or c − c_i) and none
+    up, since c_i's change (θ − θ_i,K)/(Kη) − c follows from what came up."""
+    dense = sum(num_params) * itemsize
+    return (2 if scaffold else 1) * dense + (dense if upload is None else len(num_params) * upload)
 
 
 def scaffold_controls(
@@ -51,7 +49,9 @@ class Federated:
     averages the Δ_i (weights p_i ∝ |D_i| or uniform, renormalized over S) and
     applies the average with its optimizer. With an ``uplink`` the Δ_i travel compressed (with the sender's
     error feedback, :class:`~distdpo.algorithms.compression.Uplink`). A task with LoRA (``task.lora_layout()``)
-    aggregates its adapters as ``lora_aggregation`` says (:mod:`distdpo.algorithms.lora`).
+    aggregates its adapters as ``lora_aggregation`` says (:mod:`distdpo.algorithms.lora`). With ``rank_masks``
+    (clients of different LoRA ranks) client i starts from θ ⊙ m_i and keeps its steps inside m_i, so it holds, trains
+    and sends only its rank's entries; a component it lacks is left as the server has it.
     """
 
     kind = "federated"
@@ -73,6 +73,7 @@ class Federated:
         uplink: Uplink | None = None,
         keep_optimizer_state: bool = False,
         lora_aggregation: str = "factors",
+        rank_masks: torch.Tensor | None = None,
         measured: Callable[[int], bool] | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
@@ -94,6 +95,7 @@ class Federated:
         layout = getattr(task, "lora_layout", None)
         self.lora = layout() if callable(layout) else None
         self.lora_mode = lora_aggregation
+        self.masks = None if rank_masks is None else rank_masks.to(self.theta)
         # Which rounds (1-based) get a metric row: only they need lora_aggregation_error (None: every round).
         self.measured = measured or (lambda r: True)
         local = self.theta.expand(len(comm.local_nodes), -1)
@@ -150,6 +152,10 @@ class Federated:
                 else self.theta[None, :0]
             )
         correction = (self.c - self.c_local[rows]) if self.scaffold else None
+        mask = None if self.masks is None else self.masks[nodes]
+        if mask is not None:
+            start = start * mask
+            correction = None if correction is None else correction * mask
         opt_state = None if self.opt_state is None else {k: v[rows] for k, v in self.opt_state.items()}
         X, drift, _ = local_steps(
             self.task,
@@ -165,6 +171,8 @@ class Federated:
         if opt_state is not None:
             for k, v in opt_state.items():
                 self.opt_state[k][rows] = v
+        if mask is not None:  # (a no-op for SGD: both factors of a missing component are 0, so is its gradient)
+            X = X * mask
         delta = X - start
         p = self.weights[sampled]
         sent = None  # every sampled client's update, where this engine part has them
@@ -193,5 +201,6 @@ class Federated:
         self.theta = self.server.step(self.theta, update)
         self.history = (self.history + [self.theta])[-(self.staleness + 1) :]
         upload = None if self.uplink is None else self.uplink.q.nbytes
-        stats["bytes"] = federated_round_bytes(n_s, self.theta.numel(), self.itemsize, self.scaffold, upload)
+        held = [self.theta.numel()] * n_s if self.masks is None else self.masks[sampled].sum(1).long().tolist()
+        stats["bytes"] = federated_round_bytes(held, self.itemsize, self.scaffold, upload)
         return stats

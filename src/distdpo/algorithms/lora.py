@@ -5,6 +5,11 @@
   Σ p_i B_i A = B̄ A exactly (the policy leaves A out of the trainable vector).
 * ``product``: form Σ p_i B_i A_i exactly and re-factor it to rank r by a truncated SVD; every client gets the same
   new factors. The error is then the truncation's residual.
+
+Heterogeneous ranks (``policy.lora_r`` a list or ``"by_size:MIN-MAX"``): one adapter of the largest rank r holds
+every client's; client i uses only its first r_i components (rows of A, columns of B) and starts each round from the
+global adapter cut to them (:func:`rank_masks`). After ``product`` the global factors are in SVD order, so the cut is
+the best rank-r_i approximation of Σ p_j B_j A_j (FlexLoRA); after ``factors`` it is HetLoRA's truncation.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distdpo.config import ALGORITHM_SPECS, Config, ConfigError
+from distdpo.config import ALGORITHM_SPECS, Config, ConfigError, max_lora_rank, resolve_server_optimizer
 
 
 @dataclass(frozen=True)
@@ -96,15 +101,74 @@ def aggregate_lora(
     return merged, (off / total) ** 0.5 if total > 0 else 0.0
 
 
+def client_ranks(lora_r: int | list[int] | str, sizes: list[int]) -> list[int] | None:
+    """Each client's LoRA rank from ``policy.lora_r`` (None: one rank for all). ``"by_size:MIN-MAX"``: r_i =
+    MAX · n_i / max_j n_j, rounded and kept within [MIN, MAX]."""
+    if isinstance(lora_r, int):
+        return None
+    if isinstance(lora_r, list):
+        if len(lora_r) != len(sizes):
+            raise ConfigError(f"policy.lora_r lists {len(lora_r)} ranks, but the data has {len(sizes)} clients")
+        ranks = list(lora_r)
+    else:
+        low, high = (int(v) for v in lora_r.removeprefix("by_size:").split("-"))
+        ranks = [min(high, max(low, round(high * n / max(sizes)))) for n in sizes]
+    return None if len(set(ranks)) == 1 and ranks[0] == max_lora_rank(lora_r) else ranks
+
+
+def rank_masks(layout: list[LoraFactors], num_params: int, ranks: list[int]) -> torch.Tensor:
+    """[clients, num_params] 0/1: which entries of the flat vector client i's rank-r_i adapter holds (A's first r_i
+    rows, B's first r_i columns; every other trainable entry)."""
+    masks = torch.ones(len(ranks), num_params)
+    for i, rank in enumerate(ranks):
+        for f in layout:
+            masks[i, f.a].view(f.a_shape)[rank:] = 0
+            masks[i, f.b].view(f.b_shape)[:, rank:] = 0
+    return masks
+
+
 def check_lora_aggregation(cfg: Config) -> None:
-    """``algorithm.lora_aggregation`` other than ``factors`` needs a LoRA causal LM (and product a federated run)."""
+    """``algorithm.lora_aggregation`` other than ``factors`` needs a LoRA causal LM (and product a federated run);
+    per-client ranks need a server that aggregates (and a trained A)."""
     mode = cfg.algorithm.lora_aggregation
+    if not isinstance(cfg.policy.lora_r, int):
+        _check_ranks(cfg)
     if mode == "factors":
         return
     key = f"algorithm.lora_aggregation = {mode!r}"
-    if cfg.policy.kind != "causal_lm" or cfg.policy.lora_r == 0:
+    if cfg.policy.kind != "causal_lm" or max_lora_rank(cfg.policy.lora_r) == 0:
         raise ConfigError(f"{key} needs a LoRA policy (policy.kind = 'causal_lm' and policy.lora_r > 0)")
-    if cfg.engine.name == "flower":
-        raise ConfigError(f"{key}: the flower engine averages factors only")
     if mode == "product" and ALGORITHM_SPECS[cfg.algorithm.name].family != "federated":
         raise ConfigError(f"{key} aggregates at a server: it needs a federated algorithm, not {cfg.algorithm.name!r}")
+    if mode == "product" and cfg.engine.name == "flower":
+        _check_flower_product(cfg, key)
+
+
+def _check_flower_product(cfg: Config, key: str) -> None:
+    """Flower's server re-factors the replies itself: it must see each one, and no strategy step may follow."""
+    a, e = cfg.algorithm, cfg.engine
+    if e.secure_aggregation or e.dp_clip > 0:
+        raise ConfigError(
+            f"{key} needs every client's factors at the server; engine.secure_aggregation and engine.dp_clip hide or "
+            "change them (use 'freeze_a', exact under any sum)"
+        )
+    if ALGORITHM_SPECS[a.name].scaffold or resolve_server_optimizer(a) != "sgd" or a.server_lr != 1.0:
+        raise ConfigError(
+            f"{key} on engine 'flower' replaces the strategy's average: it runs with fedavg or fedprox and the plain "
+            f"server step (server_optimizer 'sgd', server_lr = 1), got algorithm.name = {a.name!r}"
+        )
+
+
+def _check_ranks(cfg: Config) -> None:
+    key = f"policy.lora_r = {cfg.policy.lora_r!r} (a rank per client)"
+    if cfg.policy.kind != "causal_lm":
+        raise ConfigError(f"{key} needs a LoRA policy (policy.kind = 'causal_lm')")
+    if ALGORITHM_SPECS[cfg.algorithm.name].family != "federated":
+        raise ConfigError(
+            f"{key}: clients of different ranks meet at a server that aggregates their products; it needs a federated "
+            f"algorithm, not {cfg.algorithm.name!r}"
+        )
+    if cfg.algorithm.lora_aggregation == "freeze_a":
+        raise ConfigError(f"{key}: use lora_aggregation = 'product' (FlexLoRA) or 'factors' (HetLoRA), not 'freeze_a'")
+    if cfg.engine.name == "flower":
+        raise ConfigError(f"{key}: the flower engine sends every client the same adapter (use simulation or torchdist)")

@@ -36,6 +36,7 @@ class Scale:
     clients_sweep_per_round: int = 10
     full: int | str = "full"  # the "exact gradient" batch; LMs use a minibatch (full passes cost minutes per step)
     dense_eval_every: int = 1  # experiment A's evaluation interval (its curves are drawn round by round)
+    lora_skews: list[float] = field(default_factory=list)  # B6's LoRA-aggregation sweep: Dirichlet skews 1/α
 
     @property
     def exact_gradients(self) -> bool:
@@ -158,14 +159,14 @@ def language_model_scale(quick: bool) -> Scale:
         return Scale(
             rounds=6, eval_every=2, batch=4, local_steps=2, local_steps_sweep=[1, 3], long_factor=2,
             participation=[1, 2, 4], staleness=[0, 2], topologies=["path", "ring", "star", "complete"],
-            gt_rounds=0, eps_rel=1e-2, full=8,
+            gt_rounds=0, eps_rel=1e-2, full=8, lora_skews=[0.1, 1.0, 10.0],
         )  # fmt: skip
     # No gradient-tracking runs (gt_rounds = 0): their only use is rounds to ε, which needs f★.
     return Scale(
         rounds=16, eval_every=4, batch=4, local_steps=2, local_steps_sweep=[1, 3, 6], long_factor=2,
         participation=[1, 2, 4, 8], staleness=[0, 2, 5],
         topologies=["path", "ring", "star", "complete", "torus", "erdos_renyi", "exponential"],
-        gt_rounds=0, eps_rel=1e-2, full=8, dense_eval_every=2,
+        gt_rounds=0, eps_rel=1e-2, full=8, dense_eval_every=2, lora_skews=[0.1, 1.0, 10.0],
     )  # fmt: skip
 
 
@@ -185,10 +186,11 @@ PANDALM_DATA = {
 
 
 def language_model_dataset(name: str, description: str, path: str, data: dict, lr: float) -> Dataset:
-    """A suite on real preference data with the built-in small causal LM (experiments A–B4, 2 seeds)."""
+    """A suite on real preference data with the built-in small causal LM (experiments A–B4 and B6's LoRA
+    aggregation, 2 seeds)."""
     return Dataset(
         name, f"{description}, built-in small causal LM", language_model_base(path, data, lr), language_model_scale,
-        ("A", "B1", "B2", "B3", "B4"), default_seeds=2, homogeneous_data={"partition": "iid"},
+        ("A", "B1", "B2", "B3", "B4", "B6"), default_seeds=2, homogeneous_data={"partition": "iid"},
         homogeneous_text="IID split, ζ ≈ 0",
         needs="the language-model workload (data.source = a preference file, policy.kind = 'causal_lm', policy.model)",
     )  # fmt: skip

@@ -69,6 +69,29 @@ def verdict(fit: dict) -> Verdict:
     return Verdict.INCONCLUSIVE_CI_INCLUDES_ZERO
 
 
+def linear_trend(x: np.ndarray, y: np.ndarray) -> dict:
+    """Least squares of y on x: slope, its 95% CI (stderr × t), R², points."""
+    from scipy import stats
+
+    usable = np.isfinite(x) & np.isfinite(y)
+    x, y = x[usable], y[usable]
+    out = {"n": int(usable.sum()), "predicted": "slope > 0"}
+    if len(x) < 3 or np.ptp(x) == 0:
+        return {**out, "slope": math.nan, "lo": math.nan, "hi": math.nan, "r2": math.nan}
+    r = stats.linregress(x, y)
+    half = float(r.stderr * stats.t.ppf(0.975, len(x) - 2))
+    return {**out, "slope": float(r.slope), "lo": r.slope - half, "hi": r.slope + half, "r2": float(r.rvalue**2)}
+
+
+def trend_verdict(fit: dict) -> Verdict:
+    """holds: the slope's CI lies above 0; does not hold: below 0."""
+    if not math.isfinite(fit["slope"]):
+        return Verdict.INCONCLUSIVE_TOO_FEW_POINTS
+    if fit["lo"] > 0:
+        return Verdict.HOLDS
+    return Verdict.DOES_NOT_HOLD if fit["hi"] < 0 else Verdict.INCONCLUSIVE_CI_INCLUDES_ZERO
+
+
 def format_number(value, digits: int = 3) -> str:
     """A number for a table cell: ``–`` for none or non-finite, integers as they are, floats to ``digits``."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from distdpo import build
 from distdpo.algorithms.federated import federated_round_bytes, sample_clients
+from distdpo.algorithms.lora import aggregate_lora
 from distdpo.checkpoint import RunCheckpoint
 from distdpo.config import Config, ConfigError
 from distdpo.engines.flower import common as wire
@@ -89,6 +90,8 @@ class FlowerServer:
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the simulator's minibatch generator
         self.sample_gen = torch.Generator().manual_seed(cfg.seed + 2)  # and its client-sampling generator
         self.theta = task.initial_params().to(self.dtype)
+        layout = getattr(task, "lora_layout", None)
+        self.lora = layout() if callable(layout) else None
 
     def global_params(self) -> torch.Tensor:
         return self.theta
@@ -122,7 +125,8 @@ class FlowerServer:
         if arrays is None:
             raise RuntimeError(f"round {r}: the strategy returned no model")
         self.theta = wire.from_record(arrays, wire.THETA, self.dtype, self.task.device)
-        stats = {
+        stats = self._lora(r, replies, metrics) if self.lora and not self.cfg.engine.secure_aggregation else {}
+        stats |= {
             "client_drift": sum(float(m[wire.DRIFT]) for m in metrics) / len(metrics),
             "clients_replied": len(metrics),
             "bytes": self._bytes(len(messages), len(metrics)),
@@ -130,6 +134,22 @@ class FlowerServer:
         if self.privacy is not None:
             stats["dp_epsilon"] = self.privacy.epsilon(r)
         return stats
+
+    def _lora(self, r: int, replies: list[Message], metrics: list) -> dict[str, float]:
+        """``product``: the replies' Σ p_i B_i A_i re-factored replaces the strategy's average; every mode reports
+        ``lora_aggregation_error`` on the rounds that get a metric row (as :class:`~distdpo.algorithms.federated.
+        Federated` does; the replies are each client's θ_K, so θ + Δ_i)."""
+        from distdpo.metrics import evaluated
+
+        mode = self.cfg.algorithm.lora_aggregation
+        if mode != "product" and not evaluated(self.cfg, r):
+            return {}
+        ends = torch.stack([wire.from_record(m.content["arrays"], wire.THETA, self.dtype) for m in replies])
+        p = torch.tensor([float(m[wire.NUM_EXAMPLES]) for m in metrics], dtype=torch.float64)
+        merged, error = aggregate_lora(ends, p / p.sum(), self.lora, mode)
+        if mode == "product":
+            self.theta = merged.to(self.theta)
+        return {"lora_aggregation_error": error}
 
     def _secure(self, r: int, grid: SampledGrid, messages: list[Message], sampled: list[int]):
         """SecAgg+ over the round's messages: (one reply for the strategy, the metrics of each summed client)."""
@@ -144,7 +164,7 @@ class FlowerServer:
         scaffold = isinstance(self.strategy, Scaffold)
         per_vector = self.task.num_params * self.theta.element_size()
         return (
-            federated_round_bytes(replied, self.task.num_params, self.theta.element_size(), scaffold)
+            federated_round_bytes([self.task.num_params] * replied, self.theta.element_size(), scaffold)
             + (sent - replied) * (2 if scaffold else 1) * per_vector
         )
 

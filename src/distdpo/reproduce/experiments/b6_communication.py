@@ -1,16 +1,18 @@
-"""B6. Compressed communication: error feedback against top-k's floor, and CHOCO-SGD against DSGD in bytes."""
+"""B6. Compressed communication: error feedback against top-k's floor, and CHOCO-SGD against DSGD in bytes; on a
+language model, LoRA aggregation across heterogeneity (:mod:`b6_lora`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from distdpo.reproduce.experiments import b6_lora
 from distdpo.reproduce.findings import Findings
 from distdpo.reproduce.plotting import band_panel, render_figure
 from distdpo.reproduce.results import Results
 from distdpo.reproduce.runs import Plan, Run
 from distdpo.reproduce.stats import format_number
 
-NAME = "B6"
+NAME = b6_lora.NAME
 TOPK = "topk:0.1"
 GOSSIP = "int8"  # CHOCO's compressor here, with γ = 1: the quantization error is small enough for a full step
 ACCURACY_SLACK = 0.01  # CHOCO "reaches DSGD's accuracy": held-out accuracy within this of DSGD's
@@ -32,6 +34,8 @@ def gossip_series(name: str) -> str:
 
 
 def runs(plan: Plan) -> list[Run]:
+    if not plan.dataset.log_linear:  # a causal LM: what travels is a LoRA adapter
+        return b6_lora.runs(plan)
     scale = plan.scale
     out = []
     rounds = max(scale.rounds, scale.gt_rounds)  # compressed full-batch runs converge more slowly
@@ -63,6 +67,8 @@ def _final(runs: list[Run], column: str) -> float:
 
 
 def analyse(results: Results) -> Findings:
+    if not results.dataset.log_linear:
+        return b6_lora.analyse(results)
     findings = Findings(NAME)
     feedback = {f: results.select(NAME, feedback_series(f)) for f in ("ef21", "none")}
     regime = f"FedAvg, E = 1, full batch, {TOPK}"

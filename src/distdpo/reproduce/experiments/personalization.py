@@ -7,8 +7,6 @@ and along B5's heterogeneity sweep (gradient tracking, which reaches θ★ of it
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from distdpo.report import Table
@@ -17,7 +15,7 @@ from distdpo.reproduce.findings import Findings
 from distdpo.reproduce.plotting import render_figure
 from distdpo.reproduce.results import Results
 from distdpo.reproduce.runs import Plan, Run
-from distdpo.reproduce.stats import Verdict, format_number
+from distdpo.reproduce.stats import format_number, linear_trend, trend_verdict
 
 NAME = "P"
 
@@ -49,28 +47,6 @@ def table_row(name: str, runs: list[Run]) -> list[str]:
     mean = lambda key: format_number(float(np.mean([g[key] for g in gaps])))  # noqa: E731
     worst = sorted({g["worst_client"] for g in gaps})
     return [name, mean("shared_accuracy"), mean("own_accuracy"), mean("mean"), mean("worst"), ", ".join(worst)]
-
-
-def linear_trend(x: np.ndarray, y: np.ndarray) -> dict:
-    """Least squares of y on x: slope, its 95% CI (stderr × t), R², points."""
-    from scipy import stats
-
-    usable = np.isfinite(x) & np.isfinite(y)
-    x, y = x[usable], y[usable]
-    out = {"n": int(usable.sum()), "predicted": "slope > 0"}
-    if len(x) < 3 or np.ptp(x) == 0:
-        return {**out, "slope": math.nan, "lo": math.nan, "hi": math.nan, "r2": math.nan}
-    r = stats.linregress(x, y)
-    half = float(r.stderr * stats.t.ppf(0.975, len(x) - 2))
-    return {**out, "slope": float(r.slope), "lo": r.slope - half, "hi": r.slope + half, "r2": float(r.rvalue**2)}
-
-
-def trend_verdict(fit: dict) -> Verdict:
-    if not math.isfinite(fit["slope"]):
-        return Verdict.INCONCLUSIVE_TOO_FEW_POINTS
-    if fit["lo"] > 0:
-        return Verdict.HOLDS
-    return Verdict.DOES_NOT_HOLD if fit["hi"] < 0 else Verdict.INCONCLUSIVE_CI_INCLUDES_ZERO
 
 
 def analyse(results: Results) -> Findings:
