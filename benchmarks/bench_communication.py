@@ -9,7 +9,9 @@
    down dense, so uploads alone save at most 2×).
 2. **language model** (``--lm``, on by default when the HH-RLHF file is there) — the built-in tiny GPT-2 with
    LoRA (r = 8) on HH-RLHF pairs, 8 clients, AdamW, batch 4, K = 2: bytes until the global loss falls to
-   ``--lm-target``, DSGD on a ring against CHOCO, and FedAvg against compressed uploads.
+   ``--lm-target``, DSGD on a ring against CHOCO, and FedAvg against compressed uploads, against FFA-LoRA
+   (``freeze_a``: B alone travels) and against clients of ranks 2–8 by size (FlexLoRA: ``product`` with
+   ``policy.lora_r = "by_size:2-8"``).
 
 The last line is ``bytes saved: <ratio>x``: on the synthetic task, the fewest bytes of an uncompressed method
 over the fewest bytes of a compressed one (γ picked per compressor by this run: the table shows every γ).
@@ -30,6 +32,7 @@ import torch
 from distdpo import build
 from distdpo.config import from_dict
 from distdpo.engines.simulation import SimulatedCommunicator
+from distdpo.experiment import Cache
 from distdpo.solver import solve_centralized
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -53,6 +56,8 @@ LANGUAGE_MODEL = [
     {"name": "choco", "compression": "topk:0.05", "consensus_lr": 0.3},
     {"name": "fedavg"},
     {"name": "fedavg", "compression": "int8"},
+    {"name": "fedavg", "lora_aggregation": "freeze_a"},
+    {"name": "fedavg", "lora_aggregation": "product", "policy": {"lora_r": "by_size:2-8"}},
 ]
 
 
@@ -91,12 +96,22 @@ def lm_table(seed: int, data: Path) -> dict:
 def label(method: dict) -> str:
     out = method["name"] + (f" {method['compression']}" if "compression" in method else "")
     out += f" γ={method['consensus_lr']}" if "consensus_lr" in method else ""
+    out += f" {method['lora_aggregation']}" if "lora_aggregation" in method else ""
+    out += f" r={method['policy']['lora_r']}" if "policy" in method else ""
     return out + (f" {method['error_feedback']}" if "error_feedback" in method else "")
 
 
-def bytes_to_target(table: dict, method: dict, task, measure, target: float, max_rounds: int):
-    """(bytes, rounds) when ``measure(θ̄)`` first falls to ``target``, or (None, last value)."""
-    cfg = from_dict({**table, "algorithm": {**table["algorithm"], **method, "rounds": max_rounds}})
+def reduces_bytes(method: dict) -> bool:
+    """Whether the method sends less than the dense adapter (compression, B alone, lower ranks)."""
+    return "compression" in method or "lora_aggregation" in method
+
+
+def bytes_to_target(table: dict, method: dict, cache: Cache, measure, target: float, max_rounds: int):
+    """(bytes, rounds) when ``measure(task, weights, θ̄)`` first falls to ``target``, or (None, last value)."""
+    algorithm = {k: v for k, v in method.items() if k != "policy"}
+    policy = {**table.get("policy", {}), **method.get("policy", {})}
+    cfg = from_dict({**table, "policy": policy, "algorithm": {**table["algorithm"], **algorithm, "rounds": max_rounds}})
+    task = cache.task(cfg)  # freeze_a trains B alone: a task of its own
     weights = build.client_weights(cfg, task.client_sizes)
     topology = build.build_topology(cfg, task.num_clients)
     comm = SimulatedCommunicator(task.num_clients, topology, dtype=build.torch_dtype(cfg))
@@ -104,7 +119,7 @@ def bytes_to_target(table: dict, method: dict, task, measure, target: float, max
     sent, value = 0, float("nan")
     for r in range(max_rounds):
         sent += algo.run_round(r)["bytes"]
-        value = measure(algo.global_params())
+        value = measure(task, weights, algo.global_params())
         if value <= target:
             return sent, r + 1
         if not value < 1e6:
@@ -112,13 +127,13 @@ def bytes_to_target(table: dict, method: dict, task, measure, target: float, max
     return None, value
 
 
-def compare(title: str, table: dict, methods: list[dict], task, measure, target: float, max_rounds: int):
+def compare(title: str, table: dict, methods: list[dict], cache: Cache, measure, target: float, max_rounds: int):
     print(f"\n{title}")
     print(f"{'method':34s}{'rounds':>8s}{'bytes':>14s}{'saved':>9s}")
     results = {}
     for method in methods:
         t0 = time.perf_counter()
-        results[label(method)] = (*bytes_to_target(table, method, task, measure, target, max_rounds), method)
+        results[label(method)] = (*bytes_to_target(table, method, cache, measure, target, max_rounds), method)
         sent, rounds, _ = results[label(method)]
         base = fewest(results, compressed=False)
         if sent is None:
@@ -131,7 +146,7 @@ def compare(title: str, table: dict, methods: list[dict], task, measure, target:
 
 def fewest(results: dict, compressed: bool) -> float:
     """The fewest bytes to the target among the (un)compressed methods that reached it (nan if none did)."""
-    sent = [v[0] for v in results.values() if v[0] is not None and ("compression" in v[2]) == compressed]
+    sent = [v[0] for v in results.values() if v[0] is not None and reduces_bytes(v[2]) == compressed]
     return min(sent, default=float("nan"))
 
 
@@ -154,32 +169,31 @@ def main() -> None:
         f"python {platform.python_version()}"
     )
     table = synthetic_table(args.seed)
+    cache = Cache()
     cfg = from_dict(table)
-    task = build.build_task(cfg)
+    task = cache.task(cfg)
     weights = build.client_weights(cfg, task.client_sizes)
     f_star = solve_centralized(task, weights).f_star
     start = float(task.objective(task.initial_params().to(torch.float64), weights)) - f_star
 
-    def gap(theta: torch.Tensor) -> float:
+    def gap(task, weights: torch.Tensor, theta: torch.Tensor) -> float:
         return float(task.objective(theta.to(torch.float64), weights)) - f_star
 
     title = f"synthetic: n = 64 (ring), d = 32, bytes to optimality gap ≤ {args.target:g} (from {start:.3g})"
-    synthetic = compare(title, table, SYNTHETIC, task, gap, args.target, args.max_rounds)
+    synthetic = compare(title, table, SYNTHETIC, cache, gap, args.target, args.max_rounds)
     print(f"synthetic: uncompressed / best compressed = {best_ratio(synthetic):.1f}x")
     if args.lm:
         table = lm_table(args.seed, args.data)
-        cfg = from_dict(table)
-        task = build.build_task(cfg)
-        weights = build.client_weights(cfg, task.client_sizes)
+        task = cache.task(from_dict(table))
 
-        def loss(theta: torch.Tensor) -> float:
+        def loss(task, weights: torch.Tensor, theta: torch.Tensor) -> float:
             return task.evaluate(theta, weights)["global_loss"]
 
         title = (
             f"language model: builtin:gpt2-tiny + LoRA r = 8 ({task.num_params:,} parameters), 8 clients, "
             f"bytes to global loss ≤ {args.lm_target:g}"
         )
-        lm = compare(title, table, LANGUAGE_MODEL, task, loss, args.lm_target, args.lm_rounds)
+        lm = compare(title, table, LANGUAGE_MODEL, cache, loss, args.lm_target, args.lm_rounds)
         print(f"language model: uncompressed / best compressed = {best_ratio(lm):.1f}x")
     print(f"bytes saved: {best_ratio(synthetic):.1f}x")
 

@@ -11,7 +11,7 @@ from distdpo.algorithms.compression import Compressor, Uplink, resolve_feedback
 from distdpo.algorithms.decentralized import Decentralized
 from distdpo.algorithms.federated import Federated
 from distdpo.algorithms.gossip import CompressedGossip
-from distdpo.algorithms.lora import client_ranks, rank_masks
+from distdpo.algorithms.lora import RankMasks, client_ranks, rank_masks
 from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
 from distdpo.config import (
     ALGORITHM_SPECS,
@@ -301,7 +301,7 @@ def client_lora_ranks(cfg: Config, task) -> list[int] | None:
     return client_ranks(cfg.policy.lora_r, task.client_sizes.tolist())
 
 
-def lora_rank_masks(cfg: Config, task) -> torch.Tensor | None:
+def lora_rank_masks(cfg: Config, task) -> RankMasks | None:
     """The entries of the flat vector each client's adapter holds (:func:`distdpo.algorithms.lora.rank_masks`)."""
     ranks = client_lora_ranks(cfg, task)
     return None if ranks is None else rank_masks(task.lora_layout(), task.num_params, ranks)

@@ -13,7 +13,7 @@ import torch
 
 from distdpo.algorithms.base import Communicator, local_steps
 from distdpo.algorithms.compression import Uplink
-from distdpo.algorithms.lora import aggregate_lora
+from distdpo.algorithms.lora import RankMasks, aggregate_lora
 from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
 from distdpo.tasks.base import Task
 
@@ -73,7 +73,7 @@ class Federated:
         uplink: Uplink | None = None,
         keep_optimizer_state: bool = False,
         lora_aggregation: str = "factors",
-        rank_masks: torch.Tensor | None = None,
+        rank_masks: RankMasks | None = None,
         measured: Callable[[int], bool] | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
@@ -201,6 +201,6 @@ class Federated:
         self.theta = self.server.step(self.theta, update)
         self.history = (self.history + [self.theta])[-(self.staleness + 1) :]
         upload = None if self.uplink is None else self.uplink.q.nbytes
-        held = [self.theta.numel()] * n_s if self.masks is None else self.masks[sampled].sum(1).long().tolist()
+        held = [self.theta.numel()] * n_s if self.masks is None else self.masks.held(sampled)
         stats["bytes"] = federated_round_bytes(held, self.itemsize, self.scaffold, upload)
         return stats

@@ -116,15 +116,34 @@ def client_ranks(lora_r: int | list[int] | str, sizes: list[int]) -> list[int] |
     return None if len(set(ranks)) == 1 and ranks[0] == max_lora_rank(lora_r) else ranks
 
 
-def rank_masks(layout: list[LoraFactors], num_params: int, ranks: list[int]) -> torch.Tensor:
-    """[clients, num_params] 0/1: which entries of the flat vector client i's rank-r_i adapter holds (A's first r_i
-    rows, B's first r_i columns; every other trainable entry)."""
-    masks = torch.ones(len(ranks), num_params)
-    for i, rank in enumerate(ranks):
+@dataclass(frozen=True)
+class RankMasks:
+    """Which entries of the flat vector client i's rank-r_i adapter holds (A's first r_i rows, B's first r_i columns,
+    every other trainable entry): one 0/1 row per distinct rank, so memory does not grow with the clients."""
+
+    rows: torch.Tensor  # [distinct ranks, num_params]
+    of_client: torch.Tensor  # [clients]: the row of each client's rank
+
+    def __getitem__(self, clients) -> torch.Tensor:
+        return self.rows[self.of_client[clients]]
+
+    def held(self, clients: torch.Tensor) -> list[int]:
+        """How many entries each of ``clients`` holds (what it receives and sends)."""
+        return self.rows.sum(1)[self.of_client[clients]].long().tolist()
+
+    def to(self, like: torch.Tensor) -> RankMasks:
+        return RankMasks(self.rows.to(like), self.of_client.to(like.device))
+
+
+def rank_masks(layout: list[LoraFactors], num_params: int, ranks: list[int]) -> RankMasks:
+    """The :class:`RankMasks` of clients with LoRA ranks ``ranks`` in one adapter laid out as ``layout``."""
+    distinct = sorted(set(ranks))
+    rows = torch.ones(len(distinct), num_params)
+    for row, rank in zip(rows, distinct):
         for f in layout:
-            masks[i, f.a].view(f.a_shape)[rank:] = 0
-            masks[i, f.b].view(f.b_shape)[:, rank:] = 0
-    return masks
+            row[f.a].view(f.a_shape)[rank:] = 0
+            row[f.b].view(f.b_shape)[:, rank:] = 0
+    return RankMasks(rows, torch.tensor([distinct.index(r) for r in ranks]))
 
 
 def check_lora_aggregation(cfg: Config) -> None:
