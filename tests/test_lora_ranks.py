@@ -41,11 +41,12 @@ def test_bad_rank_values_are_refused_naming_the_key(value):
         ({"algorithm.lora_aggregation": "freeze_a"}, "not 'freeze_a'"),
         ({"engine.name": "flower"}, "flower engine sends every client the same adapter"),
         ({"policy.kind": "loglinear"}, "needs a LoRA policy"),
+        ({"data.num_clients": 3}, "lists 8 ranks, but data.num_clients = 3"),
     ],
 )
 def test_per_client_ranks_need_a_server_a_trained_a_and_no_flower(changes, message):
     cfg = Config()
-    cfg.policy.kind, cfg.policy.lora_r = "causal_lm", [1, 2] * 4
+    cfg.policy.kind, cfg.policy.lora_r, cfg.data.num_clients = "causal_lm", [1, 2] * 4, 8
     check_lora_aggregation(cfg)  # fedavg on a LoRA causal LM: fine
     for key, value in changes.items():
         section, name = key.split(".")

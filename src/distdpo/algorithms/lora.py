@@ -191,3 +191,6 @@ def _check_ranks(cfg: Config) -> None:
         raise ConfigError(f"{key}: use lora_aggregation = 'product' (FlexLoRA) or 'factors' (HetLoRA), not 'freeze_a'")
     if cfg.engine.name == "flower":
         raise ConfigError(f"{key}: the flower engine sends every client the same adapter (use simulation or torchdist)")
+    ranks, clients = cfg.policy.lora_r, cfg.data.num_clients
+    if isinstance(ranks, list) and cfg.data.source != "local" and len(ranks) != clients:  # sites: counted at build
+        raise ConfigError(f"policy.lora_r lists {len(ranks)} ranks, but data.num_clients = {clients}")
