@@ -153,8 +153,8 @@ def language_model_base(path: str, data: dict, lr: float) -> Callable[[bool], di
 
 
 def language_model_scale(quick: bool) -> Scale:
-    # Sized so that a full run with the default 2 seeds takes about 15 minutes on 2 CPU cores (~110 pair gradients/s
-    # at 192 tokens; measured: HH 824 s, PandaLM 922 s).
+    # Sized so that A–B4 with the default 2 seeds take about 15 minutes on 2 CPU cores (~110 pair gradients/s at
+    # 192 tokens; measured: HH 824 s, PandaLM 922 s); B6's 18 LoRA runs add 873 s and 760 s.
     if quick:
         return Scale(
             rounds=6, eval_every=2, batch=4, local_steps=2, local_steps_sweep=[1, 3], long_factor=2,
