@@ -120,6 +120,8 @@ class FlowerServer:
         else:
             replies = list(grid.send_and_receive(messages, timeout=self.cfg.engine.flower_timeout))
             replies = self.nodes.check(replies, messages, sampled, self.need, f"round {r}")
+            # In partition order, not arrival order: the strategy's float32 sum is then the same on every run.
+            replies.sort(key=lambda m: int(m.content["metrics"][wire.PARTITION]))
             metrics = [m.content["metrics"] for m in replies]
         arrays, _ = self.strategy.aggregate_train(r, replies)
         if arrays is None:
