@@ -10,8 +10,8 @@
 2. **language model** (``--lm``, on by default when the HH-RLHF file is there) — the built-in tiny GPT-2 with
    LoRA (r = 8) on HH-RLHF pairs, 8 clients, AdamW, batch 4, K = 2: bytes until the global loss falls to
    ``--lm-target``, DSGD on a ring against CHOCO, and FedAvg against compressed uploads, against FFA-LoRA
-   (``freeze_a``: B alone travels) and against clients of ranks 2–8 by size (FlexLoRA: ``product`` with
-   ``policy.lora_r = "by_size:2-8"``).
+   (``freeze_a``: B alone travels), ``product`` and half the clients at rank 2 (FlexLoRA: ``product`` with
+   ``policy.lora_r = [2, 2, 2, 2, 8, 8, 8, 8]``; the split is IID, so a rank by size would be 8 for all).
 
 The last line is ``bytes saved: <ratio>x``: on the synthetic task, the fewest bytes of an uncompressed method
 over the fewest bytes of a compressed one (γ picked per compressor by this run: the table shows every γ).
@@ -57,7 +57,8 @@ LANGUAGE_MODEL = [
     {"name": "fedavg"},
     {"name": "fedavg", "compression": "int8"},
     {"name": "fedavg", "lora_aggregation": "freeze_a"},
-    {"name": "fedavg", "lora_aggregation": "product", "policy": {"lora_r": "by_size:2-8"}},
+    {"name": "fedavg", "lora_aggregation": "product"},
+    {"name": "fedavg", "lora_aggregation": "product", "policy": {"lora_r": [2, 2, 2, 2, 8, 8, 8, 8]}},
 ]
 
 
@@ -97,13 +98,13 @@ def label(method: dict) -> str:
     out = method["name"] + (f" {method['compression']}" if "compression" in method else "")
     out += f" γ={method['consensus_lr']}" if "consensus_lr" in method else ""
     out += f" {method['lora_aggregation']}" if "lora_aggregation" in method else ""
-    out += f" r={method['policy']['lora_r']}" if "policy" in method else ""
+    out += " r=" + "/".join(map(str, method["policy"]["lora_r"])) if "policy" in method else ""
     return out + (f" {method['error_feedback']}" if "error_feedback" in method else "")
 
 
 def reduces_bytes(method: dict) -> bool:
     """Whether the method sends less than the dense adapter (compression, B alone, lower ranks)."""
-    return "compression" in method or "lora_aggregation" in method
+    return "compression" in method or method.get("lora_aggregation") == "freeze_a" or "policy" in method
 
 
 def bytes_to_target(table: dict, method: dict, cache: Cache, measure, target: float, max_rounds: int):
