@@ -98,7 +98,9 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, lora", [("fedavg", "factors"), ("scaffold", "factors"), ("fedavg", "freeze_a"), ("fedavg", "product")]
+    # SCAFFOLD on a causal LM in Flower: test_flower_sites' simulation of sites
+    "name, lora",
+    [("fedavg", "factors"), ("fedavg", "freeze_a"), ("fedavg", "product")],
 )
 def test_causal_lm_in_flower_matches_simulator(name, lora):
     """A LoRA-adapted built-in GPT-2 on 3 clients' text pairs: only the adapter travels (θ is the trainable
