@@ -85,20 +85,26 @@ def b_numel(policy) -> int:
     return sum(p.numel() for n, p in policy.model.named_parameters() if ".lora_B." in n)
 
 
-def federated(lm, mode: str, rounds: int = 2):
-    task = text_task(lm, mode == "freeze_a")
-    policy = task.policy
-    algo = Federated(
+def two_clients(task, mode: str, weights=(0.5, 0.5), **options) -> Federated:
+    """FedAvg of the 2-client text task (K = 2, B = 2, η = 2) with LoRA aggregation ``mode``."""
+    return Federated(
         task,
         SimulatedCommunicator(2),
-        weights=torch.tensor([0.5, 0.5]),
+        weights=torch.tensor(weights),
         local_steps=2,
         optimizer=ClientOptimizer("sgd", 2.0),
         server=ServerOptimizer("sgd", 1.0),
         clients_per_round=2,
         batch_size=2,
         lora_aggregation=mode,
+        **options,
     )
+
+
+def federated(lm, mode: str, rounds: int = 2):
+    task = text_task(lm, mode == "freeze_a")
+    policy = task.policy
+    algo = two_clients(task, mode)
     a_start = {n: p.detach().clone() for n, p in policy.model.named_parameters() if ".lora_A." in n}
     stats = [algo.run_round(t) for t in range(rounds)]
     return algo, policy, a_start, stats

@@ -8,13 +8,11 @@ import pytest
 import torch
 from helpers import make_config
 from test_export import tiny_lm_table, write_arithmetic_pairs
-from test_lora_aggregation import lm, text_task  # noqa: F401 (lm is a fixture)
+from test_lora_aggregation import lm, text_task, two_clients  # noqa: F401 (lm is a fixture)
 
 from distdpo.algorithms.federated import Federated
 from distdpo.algorithms.lora import check_lora_aggregation, client_ranks, rank_masks
-from distdpo.algorithms.optim import ClientOptimizer, ServerOptimizer
 from distdpo.config import Config, ConfigError, from_dict
-from distdpo.engines.simulation import SimulatedCommunicator
 from distdpo.experiment import run_one
 
 
@@ -55,20 +53,8 @@ def test_per_client_ranks_need_a_server_a_trained_a_and_no_flower(changes, messa
         check_lora_aggregation(cfg)
 
 
-def federated(task, mode: str, masks: torch.Tensor, scaffold: bool = False) -> Federated:
-    return Federated(
-        task,
-        SimulatedCommunicator(2),
-        weights=torch.tensor([0.4, 0.6]),
-        local_steps=2,
-        optimizer=ClientOptimizer("sgd", 2.0),
-        server=ServerOptimizer("sgd", 1.0),
-        clients_per_round=2,
-        batch_size=2,
-        scaffold=scaffold,
-        lora_aggregation=mode,
-        rank_masks=masks,
-    )
+def federated(task, mode: str, masks, scaffold: bool = False) -> Federated:
+    return two_clients(task, mode, (0.4, 0.6), scaffold=scaffold, rank_masks=masks)
 
 
 def dense(theta: torch.Tensor, f) -> np.ndarray:
