@@ -178,3 +178,20 @@ def test_init_model_refuses_an_empty_vocabulary(tmp_path):
     args = ["init-model", "builtin:gpt2-tiny", "--tokenizer-text", str(tmp_path / "text.txt")]
     assert main([*args, "--out", str(tmp_path / "model"), "--vocab-size", "0"]) == 2
     assert not (tmp_path / "model").exists()
+
+
+def test_a_named_held_out_file_is_one_per_site_and_never_silently_replaced(sites, tmp_path):
+    from distdpo.data.sites import site_files
+
+    split = str(sites / "split")
+    with pytest.raises(ConfigError, match="must contain"):  # one file for every site would belong to none
+        site_files(
+            from_dict(
+                {"data": {"source": "local", "site_data": split, "site_eval": str(tmp_path / "e.jsonl")}} | _lm(sites)
+            )
+        )
+    typo = {"source": "local", "site_data": split, "site_eval": str(tmp_path / "{client}.missing.jsonl")}
+    from distdpo.build import build_task
+
+    with pytest.raises(ConfigError, match=r"missing\.jsonl does not exist"):  # not a silent split of its own pairs
+        build_task(from_dict({"data": typo} | _lm(sites)))

@@ -68,21 +68,23 @@ def site_files(cfg: Config) -> list[SiteFiles]:
             "{client} (a Flower SuperNode names its files with --node-config data-path=... instead)"
         )
     eval_template = d.site_eval or None
+    if eval_template and CLIENT not in eval_template:
+        raise ConfigError(f"data.site_eval = {eval_template!r} must contain {CLIENT} (one file per site)")
     if CLIENT not in d.site_data:
         root = Path(d.site_data).expanduser()
         if not root.is_dir():
             raise ConfigError(f"data.site_data = {d.site_data!r} is neither a directory nor a template with {CLIENT}")
         sites = []
         for name, folder in _manifest_names(root):
-            held_out = root / folder / "eval.jsonl"
-            if eval_template:
+            if eval_template:  # named by the user: a missing one is an error when it is read, not a fallback
                 held_out = Path(eval_template.replace(CLIENT, name)).expanduser()
-            sites.append(SiteFiles(name, root / folder / "train.jsonl", held_out if held_out.exists() else None))
+            else:  # the split's own, where it made one
+                held_out = root / folder / "eval.jsonl"
+                held_out = held_out if held_out.exists() else None
+            sites.append(SiteFiles(name, root / folder / "train.jsonl", held_out))
         return sites
     if not d.clients:
         raise ConfigError(f"data.site_data = {d.site_data!r} is a template: list the sites in data.clients")
-    if eval_template and CLIENT not in eval_template:
-        raise ConfigError(f"data.site_eval = {eval_template!r} must contain {CLIENT} (one file per site)")
     return [
         SiteFiles(
             str(name),

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from distdpo import build
-from distdpo.config import Config
+from distdpo.config import Config, ConfigError
 from distdpo.engines.flower import common as wire
 from distdpo.fingerprint import digest
 from distdpo.tasks.evaluation import HELD_OUT_SUMS, ClientReport, combine, gradient, mean_grad_noise
@@ -50,7 +50,10 @@ def site_data(text: str, cfg: Config, node_config, pid: int):
         if NODE_DATA in node_config:
             site = node_site(node_config)
         elif cfg.data.site_data:
-            site = site_files(cfg)[pid]
+            files = site_files(cfg)
+            if not 0 <= pid < len(files):
+                raise ConfigError(f"partition-id {pid}: data.site_data = {cfg.data.site_data!r} has {len(files)} sites")
+            site = files[pid]
         else:
             site = node_site(node_config)  # (raises: no data-path)
         return load_site(cfg, site)
