@@ -88,6 +88,10 @@ def test_eval_with_an_adapter_scores_the_reference_with_it_disabled(tokenizer, d
     summary = json.loads((tmp_path / "scores.summary.json").read_text())
     assert (summary["score"], summary["beta"]) == ("implicit_reward", 0.2)
     assert main([*args, "--out", str(out)]) == 0  # its own earlier output is replaced
+    # An export trained against a separate reference model: scoring against the adapter switched off is refused.
+    info = {"config": {"policy": {"reference_model": "some/reference"}}}
+    (tmp_path / "adapter" / "distdpo.json").write_text(json.dumps(info))
+    assert main([*args, "--out", str(out)]) == 2
 
 
 @pytest.fixture()

@@ -79,6 +79,11 @@ def evaluate(
     defaults.
     """
     trained = _trained_with(model, adapter)
+    if trained.get("reference_model"):  # its implicit reward is against that model, not the adapter switched off
+        raise ConfigError(
+            f"this export was trained against policy.reference_model = {trained['reference_model']!r}; distdpo eval "
+            "scores against the model with its adapter off, which would give another implicit reward"
+        )
     max_length = max_length or trained.get("max_length") or default("policy.max_length")
     beta = beta or trained.get("beta") or default("policy.beta")
     if max_length < 8:
