@@ -92,12 +92,14 @@ def _cmd_init_model(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from distdpo.build import device
     from distdpo.config import ConfigError, from_dict
-    from distdpo.lm.scoring import evaluate, format_summary, write_scores
+    from distdpo.lm.scoring import check_out, evaluate, format_summary, write_scores
 
     if args.beta is not None and args.beta <= 0:
         raise ConfigError(f"--beta must be positive, got {args.beta}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.out:
+        check_out(args.out)  # before the model is loaded and every pair scored
     records, summary = evaluate(
         args.model,
         args.data,

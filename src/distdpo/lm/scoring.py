@@ -130,9 +130,8 @@ def summary_path(out: str | Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
 
 
-def write_scores(out: str | Path, records: list[dict], summary: dict) -> Path:
-    """Write the records (JSON lines) to ``out`` and the summary beside it; refuses to replace files that an
-    earlier ``distdpo eval`` did not write."""
+def check_out(out: str | Path) -> None:
+    """Refuse an ``--out`` that is a directory or a file an earlier ``distdpo eval`` did not write (before scoring)."""
     out, beside = Path(out), summary_path(out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name (e.g. scores.jsonl)")
@@ -143,6 +142,12 @@ def write_scores(out: str | Path, records: list[dict], summary: dict) -> Path:
             ours = False
         if not ours:
             raise ConfigError(f"--out {out} exists and was not written by distdpo eval; choose another file")
+
+
+def write_scores(out: str | Path, records: list[dict], summary: dict) -> Path:
+    """Write the records (JSON lines) to ``out`` and the summary beside it (after :func:`check_out`)."""
+    check_out(out)
+    out, beside = Path(out), summary_path(out)
     write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     write_json_atomic(beside, {**summary, "scores": out.name})
     return beside
