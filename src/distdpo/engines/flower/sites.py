@@ -145,7 +145,7 @@ class RemoteSites:
 
     def config(self) -> ConfigRecord:
         """What every message to a site carries: the run's config and every client's count and name."""
-        return ConfigRecord({wire.CONFIG: wire.config_text(self.cfg), SIZES: self.sizes, NAMES: self.client_names})
+        return ConfigRecord({wire.CONFIG: self.nodes.text, SIZES: self.sizes, NAMES: self.client_names})
 
     def _ask(self, theta: torch.Tensor, what: str) -> list[RecordDict]:
         """Every site's answer to an evaluate message (evaluation needs them all)."""
